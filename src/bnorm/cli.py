@@ -1,0 +1,47 @@
+"""The ``bnorm`` command. Each subcommand lives with the code it runs and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from . import __version__, demo
+from .kernels import BACKENDS
+
+
+def _info(args: argparse.Namespace) -> int:
+    print(f"bnorm {__version__}")
+    print(f"python {platform.python_version()} on {platform.machine()}, {platform.system()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
+    print(f"kernel backends: {', '.join(sorted(BACKENDS))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnorm",
+        description="Batch normalization for PyTorch, done right and proven.",
+    )
+    parser.add_argument("--version", action="version", version=f"bnorm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo.add_parser(sub)
+    info = sub.add_parser("info", help="versions, threads and kernel backends of this install")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The exceptions and warnings bnorm raises.
+
+Each error class also derives from the class PyTorch raises for the same mistake, so code
+written for ``torch.nn.BatchNorm*`` that catches ``RuntimeError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BatchNormDtypeError",
+    "BatchNormShapeError",
+    "NonFiniteBatchError",
+    "NonFiniteBatchWarning",
+]
+
+
+class BatchNormShapeError(ValueError, RuntimeError):
+    """The input's shape does not fit the layer (torch raises RuntimeError for some of these)."""
+
+
+class BatchNormDtypeError(TypeError, RuntimeError):
+    """The input's dtype cannot be served by the layer's parameters and buffers."""
+
+
+class NonFiniteBatchWarning(RuntimeWarning):
+    """A training batch held NaN or Inf; the running statistics were not updated."""
+
+
+class NonFiniteBatchError(FloatingPointError):
+    """A training batch held NaN or Inf, and the layer was set to ``on_nonfinite="raise"``."""

@@ -1,0 +1,342 @@
+r"""Functional batch normalization for PyTorch tensors, computed by bnorm's own kernels.
+
+:func:`batch_norm` has the signature of :func:`torch.nn.functional.batch_norm` and its
+behaviour, with two differences that only show where torch is weak:
+
+- **precision**: statistics are accumulated around a per-channel shift and the normalization
+  subtracts the mean in two exact steps, so an fp32 input whose mean is 1e5 times its standard
+  deviation is still normalized to about 1e-6 (torch's CPU kernel: about 1e-2);
+- **non-finite batches**: a training batch holding NaN or Inf does not poison the running
+  statistics; they are left as they were and a :class:`~bnorm.errors.NonFiniteBatchWarning` is
+  issued (``on_nonfinite="raise"`` raises :class:`~bnorm.errors.NonFiniteBatchError` instead).
+
+The work is split as statistics -> transform -> backward reductions -> backward elementwise
+(see :mod:`bnorm.kernels`); the backward is bnorm's own, and a composite of torch ops is
+differentiated when a second derivative is asked for (``create_graph=True``).
+On non-CPU tensors (CUDA, MPS, ...) bnorm has no kernels yet and calls torch's own.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from .errors import NonFiniteBatchError, NonFiniteBatchWarning
+from .kernels import Backend, as_supported_layout, select_backend
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    on_nonfinite: str = "warn",
+) -> Tensor:
+    r"""Batch normalization of ``input`` of shape (N, C, \*), a drop-in for torch's.
+
+    .. math::  y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,\gamma + \beta
+
+    Args:
+        input: (N, C, \*) floating-point tensor; contiguous or channels_last layouts are kept
+            (other strides give a contiguous output, as torch).
+        running_mean, running_var: (C,) buffers. In training they are updated in place,
+            ``r <- (1 - momentum) * r + momentum * batch_stat``, the variance unbiased
+            (``n/(n-1)``); ``None`` skips the update. In evaluation they normalize and are
+            required.
+        weight, bias: (C,) affine parameters :math:`\gamma, \beta`, or ``None``.
+        training: ``True`` normalizes with the batch's own mean and biased variance.
+        momentum: the update rate of the running statistics (PyTorch's convention).
+        eps: added to the variance; must be positive in training and non-negative in eval.
+        on_nonfinite: ``"warn"`` (default) or ``"raise"``, for a training batch holding
+            NaN/Inf; either way the running statistics are left untouched.
+
+    Returns:
+        A tensor of the input's shape, dtype and layout. bfloat16/float16 inputs may come with
+        float32 parameters and buffers; statistics are then computed in float32 or better.
+    """
+    if torch.overrides.has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return torch.overrides.handle_torch_function(
+            batch_norm,
+            (input, running_mean, running_var, weight, bias),
+            input,
+            running_mean,
+            running_var,
+            weight=weight,
+            bias=bias,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            on_nonfinite=on_nonfinite,
+        )
+    layer = "batch_norm"
+    _checks.check_tensor(layer, input)
+    _checks.check_nonfinite_policy(layer, on_nonfinite)
+    if training:
+        _checks.check_batch_size(layer, input)
+        _checks.check_eps(layer, eps)
+    else:
+        _checks.check_eps(layer, eps, allow_zero=True)
+        if running_mean is None or running_var is None:
+            raise ValueError(f"{layer}: running_mean must be defined in evaluation mode")
+    if input.dim() < 2:
+        if input.numel() == 0:
+            return input.clone()  # torch returns an empty result for a (0,) input
+        raise _checks.BatchNormShapeError(
+            f"{layer}: expected an input of shape (N, C, *) with at least 2 dims, "
+            f"got shape {_checks.shape_text(input)}"
+        )
+    per_channel = {
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "weight": weight,
+        "bias": bias,
+    }
+    _checks.check_sizes(layer, input, per_channel)
+    _checks.check_dtypes(layer, input, per_channel)
+    return batch_norm_unchecked(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        use_batch_stats=training,
+        momentum=momentum,
+        eps=eps,
+        on_nonfinite=on_nonfinite,
+        layer=layer,
+    )
+
+
+def batch_norm_unchecked(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    use_batch_stats: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None = None,
+    on_nonfinite: str = "warn",
+    layer: str = "batch_norm",
+) -> Tensor:
+    """The computation behind :func:`batch_norm` and bnorm's layers, once the input is checked.
+
+    ``momentum=None`` means the cumulative average and needs ``num_batches_tracked``, which is
+    advanced by one when the running statistics are updated (and for an empty batch, as torch).
+    """
+    if x.device.type != "cpu":
+        return _torch_fallback(
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            use_batch_stats,
+            momentum,
+            eps,
+            num_batches_tracked,
+        )
+    x = as_supported_layout(x)
+    channels = x.shape[1]
+    count = x.numel() // channels if channels else 0
+    backend = select_backend(x)
+    if use_batch_stats:
+        if count == 0:
+            # Nothing to normalize; any finite stand-ins give the empty output and zero grads.
+            mean = torch.zeros(channels, dtype=torch.float64)
+            var = torch.ones(channels, dtype=torch.float64)
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+        else:
+            with torch.no_grad():
+                mean, var = backend.statistics(x.detach())
+            if running_mean is not None or running_var is not None:
+                update_running_stats(
+                    running_mean,
+                    running_var,
+                    mean,
+                    var,
+                    count,
+                    momentum,
+                    num_batches_tracked,
+                    on_nonfinite,
+                    layer,
+                )
+        invstd = torch.rsqrt(var + eps)
+    else:
+        assert running_mean is not None and running_var is not None
+        mean = running_mean.detach().to(torch.float64)
+        invstd = torch.rsqrt(running_var.detach().to(torch.float64) + eps)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    ):
+        return _BatchNormFunction.apply(
+            x, weight, bias, mean, invstd, use_batch_stats, eps, backend
+        )
+    return backend.transform(x, mean, invstd, weight, bias)
+
+
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    on_nonfinite: str,
+    layer: str,
+) -> None:
+    """Move the running statistics towards one batch's; skip (and warn or raise) if non-finite.
+
+    ``mean`` and ``var`` (biased) are the batch's float64 statistics over ``count`` values per
+    channel. The update is computed in float64 and stored in the buffers' dtype.
+    """
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+        message = (
+            f"{layer}: the training batch holds NaN or Inf; running_mean, running_var and "
+            f"num_batches_tracked were left unchanged (torch would have overwritten them)"
+        )
+        if on_nonfinite == "raise":
+            raise NonFiniteBatchError(message)
+        warnings.warn(message, NonFiniteBatchWarning, stacklevel=4)
+        return
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError(
+                f"{layer}: momentum=None (cumulative average) needs num_batches_tracked"
+            )
+        rate = 1.0 / (int(num_batches_tracked) + 1)
+    else:
+        rate = float(momentum)
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.copy_((1 - rate) * running_mean.to(torch.float64) + rate * mean)
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.copy_((1 - rate) * running_var.to(torch.float64) + rate * unbiased)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """``y = transform(x)`` with statistics computed before; backward by the backend's kernels.
+
+    ``mean`` and ``invstd`` arrive as constants. With batch statistics, the backward accounts for
+    their dependence on ``x`` analytically (see :func:`bnorm.reference.backward`).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, use_batch_stats, eps, backend: Backend):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.use_batch_stats = use_batch_stats
+        ctx.eps = eps
+        ctx.backend = backend
+        return backend.transform(x, mean, invstd, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            grads = _composite_grads(ctx, dy, x, weight, bias, mean, invstd)
+        else:
+            grads = _kernel_grads(ctx, dy, x, weight, bias, mean, invstd, need_x, need_w, need_b)
+        return (*grads, None, None, None, None, None)
+
+
+def _kernel_grads(ctx, dy, x, weight, bias, mean, invstd, need_x, need_w, need_b):
+    backend: Backend = ctx.backend
+    channels = x.shape[1]
+    count = x.numel() // channels if channels else 0
+    if count == 0:
+        zeros = torch.zeros(channels, dtype=torch.float64)
+        sum_dy = sum_dy_xmu = zeros
+        dx = torch.zeros_like(x) if need_x else None
+    else:
+        dy = dy.contiguous(memory_format=_layout_of(x))
+        sum_dy = sum_dy_xmu = None
+        if need_w or need_b or (need_x and ctx.use_batch_stats):
+            sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean)
+        dx = None
+        if need_x and ctx.use_batch_stats:
+            dx = backend.backward_elementwise(
+                dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count
+            )
+        elif need_x:
+            # Fixed statistics: dx = weight * invstd * dy, i.e. the transform of dy around 0.
+            dx = backend.transform(dy, torch.zeros_like(mean), invstd, weight, None)
+    dweight = (sum_dy_xmu * invstd).to(weight.dtype) if need_w else None
+    dbias = sum_dy.to(bias.dtype) if need_b else None
+    return dx, dweight, dbias
+
+
+def _composite_grads(ctx, dy, x, weight, bias, mean, invstd):
+    """Gradients as a differentiable graph (for ``create_graph=True``): recompute the forward
+    from torch ops on the saved inputs and differentiate that."""
+    wanted = [
+        t for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3], strict=True) if need
+    ]
+    y = _composite_forward(x, weight, bias, mean, invstd, ctx.use_batch_stats, ctx.eps)
+    found = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    return tuple(next(found) if need else None for need in ctx.needs_input_grad[:3])
+
+
+def _composite_forward(x, weight, bias, mean, invstd, use_batch_stats, eps):
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    xf = x.to(cd)
+    if use_batch_stats:
+        dims = [0, *range(2, x.dim())]
+        var, mu = torch.var_mean(xf, dims, correction=0, keepdim=True)
+        y = (xf - mu) * torch.rsqrt(var + eps)
+    else:
+        y = (xf - mean.to(cd).view(shape)) * invstd.to(cd).view(shape)
+    if weight is not None:
+        y = y * weight.to(cd).view(shape)
+    if bias is not None:
+        y = y + bias.to(cd).view(shape)
+    return y.to(x.dtype)
+
+
+def _layout_of(x: Tensor) -> torch.memory_format:
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _torch_fallback(
+    x, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps, num_batches_tracked
+):
+    """Non-CPU tensors: torch's own kernels (cuDNN on CUDA) until bnorm has kernels there."""
+    rate = momentum
+    if use_batch_stats and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            rate = 1.0 / float(num_batches_tracked)
+    return torch.batch_norm(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        use_batch_stats,
+        0.0 if rate is None else rate,
+        eps,
+        torch.backends.cudnn.enabled,
+    )

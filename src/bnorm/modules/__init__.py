@@ -1,0 +1,5 @@
+"""bnorm's nn.Module layers."""
+
+from .batchnorm import BatchNorm1d as BatchNorm1d
+from .batchnorm import BatchNorm2d as BatchNorm2d
+from .batchnorm import BatchNorm3d as BatchNorm3d

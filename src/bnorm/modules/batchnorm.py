@@ -1,0 +1,198 @@
+r"""Drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d``.
+
+Each class subclasses torch's own, so ``isinstance(layer, torch.nn.BatchNorm2d)`` holds and every
+tool that looks for batch norm (weight-decay filters, fusers, freezers) still finds it;
+parameters, buffers, ``state_dict`` keys, ``repr`` and checkpoint versioning are torch's
+unchanged. What bnorm replaces is the computation and the checks: see :mod:`bnorm.functional`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from ..functional import batch_norm_unchecked
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_COMMON_DOC = r"""
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    Mean and variance are taken per channel ``C`` over every other dimension. In training the
+    batch's own statistics normalize (the variance biased, ``correction=0``); in evaluation the
+    running estimates do. With ``track_running_stats=False`` there are no running estimates and
+    batch statistics are used in both modes.
+
+    Running estimates follow PyTorch's convention, not Keras': ``momentum`` is the update rate,
+    ``running = (1 - momentum) * running + momentum * batch``, and ``momentum=None`` is the
+    cumulative average (``1/t`` for the t-th batch, counted by ``num_batches_tracked``). The
+    stored variance is unbiased (``n/(n-1)``). Keras' ``momentum=0.99`` is PyTorch's 0.01
+    (:func:`bnorm.reference.keras_momentum`).
+
+    Beyond torch:
+
+    - statistics keep their precision for data far from zero (mean up to 1e5 standard
+      deviations in fp32: output within 1e-6 instead of torch's 1e-2);
+    - a training batch holding NaN or Inf leaves ``running_mean``, ``running_var`` and
+      ``num_batches_tracked`` untouched and warns (:class:`~bnorm.errors.NonFiniteBatchWarning`);
+      ``on_nonfinite="raise"`` raises :class:`~bnorm.errors.NonFiniteBatchError` instead;
+    - a bad input raises an error naming the layer, what was expected and what came, before
+      any state changes.
+
+    Args:
+        num_features: the number of channels ``C``.
+        eps: added to the variance; must be positive. Default 1e-5.
+        momentum: update rate of the running statistics, or ``None`` for the cumulative
+            average. Default 0.1.
+        affine: learn a per-channel scale ``weight`` (γ, init 1) and shift ``bias`` (β, init 0).
+        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+        device, dtype: where and in what dtype to create parameters and buffers. A
+            bfloat16/float16 input may be served by float32 parameters (mixed precision).
+        bias: with ``affine``, whether to learn ``bias`` (keyword only).
+        on_nonfinite: ``"warn"`` or ``"raise"`` for a training batch holding NaN/Inf
+            (keyword only; not part of the state_dict).
+"""
+
+
+class _BatchNormBase:
+    """What bnorm's batch-norm layers add to torch's: checks, computation, the NaN guard.
+
+    Placed before torch's class in the MRO; torch's ``_NormBase`` keeps owning parameters,
+    buffers, ``reset_parameters``, ``extra_repr`` and ``_load_from_state_dict``.
+    """
+
+    _ranks: tuple[int, ...] = ()
+    _layout: str = ""
+
+    # Attributes torch's class does not have, with their defaults; bnorm.convert() sets them
+    # when it turns a torch layer into a bnorm one.
+    _bnorm_defaults: ClassVar[dict[str, object]] = {"on_nonfinite": "warn"}
+
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    training: bool
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        on_nonfinite: str = "warn",
+    ) -> None:
+        # torch added the `bias` argument only recently; dropping the parameter here gives the
+        # same module (and state_dict) on every torch version bnorm supports.
+        super().__init__(  # type: ignore[call-arg]
+            num_features, eps, momentum, affine, track_running_stats, device, dtype
+        )
+        if affine and not bias:
+            self.register_parameter("bias", None)  # type: ignore[attr-defined]
+        self.on_nonfinite = _checks.check_nonfinite_policy(self._layer_name(), on_nonfinite)
+
+    def _layer_name(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _checks.check_rank(self._layer_name(), input, self._ranks, self._layout)
+
+    def _check_input(self, input: Tensor, use_batch_stats: bool) -> None:
+        """Everything that can be wrong with a call, checked before any state changes."""
+        name = self._layer_name()
+        _checks.check_tensor(name, input)
+        _checks.check_rank(name, input, self._ranks, self._layout)
+        _checks.check_channels(name, input, self.num_features)
+        _checks.check_dtypes(
+            name,
+            input,
+            {
+                "weight": self.weight,
+                "bias": self.bias,
+                "running_mean": self.running_mean,
+                "running_var": self.running_var,
+            },
+        )
+        _checks.check_eps(name, self.eps)
+        _checks.check_nonfinite_policy(name, self.on_nonfinite)
+        if use_batch_stats:
+            _checks.check_batch_size(name, input)
+
+    def forward(self, input: Tensor) -> Tensor:
+        use_batch_stats = self.training or self.running_mean is None
+        self._check_input(input, use_batch_stats)
+        update = self.training and self.track_running_stats
+        return batch_norm_unchecked(
+            input,
+            self.running_mean if update or not self.training else None,
+            self.running_var if update or not self.training else None,
+            self.weight,
+            self.bias,
+            use_batch_stats=use_batch_stats,
+            momentum=self.momentum,
+            eps=self.eps,
+            num_batches_tracked=self.num_batches_tracked if update else None,
+            on_nonfinite=self.on_nonfinite,
+            layer=self._layer_name(),
+        )
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        if self.on_nonfinite != "warn":
+            text += f", on_nonfinite={self.on_nonfinite!r}"
+        return text
+
+
+class BatchNorm1d(_BatchNormBase, torch.nn.BatchNorm1d):
+    __doc__ = (
+        r"""Batch normalization over a 2D input (N, C) or a 3D input (N, C, L); a drop-in for
+    :class:`torch.nn.BatchNorm1d`.
+
+    Shape: input (N, C) or (N, C, L); output of the same shape."""
+        + _COMMON_DOC
+    )
+    _ranks = (2, 3)
+    _layout = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNormBase, torch.nn.BatchNorm2d):
+    __doc__ = (
+        r"""Batch normalization over a 4D input (N, C, H, W); a drop-in for
+    :class:`torch.nn.BatchNorm2d`.
+
+    Shape: input (N, C, H, W); output of the same shape and memory format (channels_last
+    stays channels_last)."""
+        + _COMMON_DOC
+    )
+    _ranks = (4,)
+    _layout = "(N, C, H, W)"
+
+
+class BatchNorm3d(_BatchNormBase, torch.nn.BatchNorm3d):
+    __doc__ = (
+        r"""Batch normalization over a 5D input (N, C, D, H, W); a drop-in for
+    :class:`torch.nn.BatchNorm3d`.
+
+    Shape: input (N, C, D, H, W); output of the same shape and memory format
+    (channels_last_3d stays channels_last_3d)."""
+        + _COMMON_DOC
+    )
+    _ranks = (5,)
+    _layout = "(N, C, D, H, W)"

@@ -1,0 +1,3 @@
+"""Tools that work on whole models: conversion between torch's and bnorm's layers."""
+
+from .convert import convert as convert
