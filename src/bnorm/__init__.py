@@ -7,6 +7,7 @@ Public API (everything else is private):
 - the NumPy float64 specification: :mod:`bnorm.reference`
 - tools: :func:`convert`
 - errors and warnings: :mod:`bnorm.errors`
+- data-parallel: :class:`SyncBatchNorm`, :func:`convert_sync_batchnorm`, :mod:`bnorm.distributed`
 """
 
 from . import errors as errors
@@ -18,5 +19,9 @@ from .modules import BatchNorm1d as BatchNorm1d
 from .modules import BatchNorm2d as BatchNorm2d
 from .modules import BatchNorm3d as BatchNorm3d
 from .tools import convert as convert
+from . import distributed as distributed
+from .errors import SyncBatchNormError as SyncBatchNormError
+from .modules import SyncBatchNorm as SyncBatchNorm
+from .modules import convert_sync_batchnorm as convert_sync_batchnorm
 
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ __all__ = [
     "BatchNormShapeError",
     "NonFiniteBatchError",
     "NonFiniteBatchWarning",
+    "SyncBatchNormError",
 ]
 
 
@@ -28,3 +29,14 @@ class NonFiniteBatchWarning(RuntimeWarning):
 
 class NonFiniteBatchError(FloatingPointError):
     """A training batch held NaN or Inf, and the layer was set to ``on_nonfinite="raise"``."""
+
+
+class SyncBatchNormError(RuntimeError):
+    """A synchronized batch norm could not complete its collective on this rank.
+
+    Raised when another rank died or did not reach the same call within the timeout, or when
+    ranks are out of step (a rank skipped a call of the layer). The message names the layer,
+    this rank, the call counter and what happened. The running statistics are left as they
+    were before the failed call. The process group should be considered broken afterwards
+    (destroy it and restart the job): collectives already posted cannot be withdrawn.
+    """

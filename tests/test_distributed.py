@@ -1,0 +1,177 @@
+"""SyncBatchNorm over real processes (gloo on 127.0.0.1): exact to single-process batch norm.
+
+Each scenario is one launch of k processes running tests/dist_worker.py, which run every case
+and save their results; the assertions are made here, against single-process batch norm over the
+concatenated batch. Processes meet through a FileStore in a fresh temporary folder, so no port
+is chosen at all for the rendezvous (gloo's own connections bind port 0: the OS picks free
+ones); every wait is bounded (subprocess timeout here, collective timeouts in the worker).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_worker import CASES, STEPS, case_data, case_params, train_batch, train_model, train_step
+from helpers import assert_close
+
+import bnorm
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+LAUNCH_TIMEOUT = 120  # seconds for a whole launch; a hang fails the test instead of CI
+
+
+def launch(scenario: str, world: int, folder: Path) -> list[dict | None]:
+    """Run ``world`` ranks of a scenario; return each rank's results (None if it wrote none)."""
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), scenario, str(r), str(world), str(folder)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=LAUNCH_TIMEOUT)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} of {scenario!r} failed:\n{logs[r]}"
+    results = []
+    for r in range(world):
+        path = folder / f"rank{r}.pt"
+        results.append(torch.load(path, weights_only=False) if path.exists() else None)
+    return results
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["k=2", "k=3"])
+def exact(request, tmp_path_factory):
+    world = request.param
+    return world, launch("exact", world, tmp_path_factory.mktemp(f"exact{world}"))
+
+
+def reference(name, channels, trailing, sizes, momentum, rows=slice(None)):
+    """Single-process batch norm (torch's, float64) over the concatenated batch (or its
+    ``rows``), step by step."""
+    weight, bias, rm, rv = case_params(channels)
+    layer = torch.nn.BatchNorm1d(channels, momentum=momentum).double()
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+        layer.running_mean.copy_(rm)
+        layer.running_var.copy_(rv)
+    out = []
+    for step in range(STEPS):
+        x, dy = case_data(name, channels, trailing, sum(sizes), step)
+        x, dy = x[rows], dy[rows]
+        x64 = x.double().reshape(x.shape[0], channels, -1).requires_grad_(True)
+        layer.zero_grad()
+        y = layer(x64)
+        (y * dy.double().reshape(y.shape)).sum().backward()
+        out.append(
+            {
+                "y": y.detach().reshape(x.shape),
+                "dx": x64.grad.reshape(x.shape),
+                "dweight": layer.weight.grad.clone(),
+                "dbias": layer.bias.grad.clone(),
+                "running_mean": layer.running_mean.clone(),
+                "running_var": layer.running_var.clone(),
+                "nbt": int(layer.num_batches_tracked),
+            }
+        )
+    return out
+
+
+def check_against(results, ref, sizes, ranks, what):
+    for step in range(STEPS):
+        start = 0
+        for r in ranks:
+            got, want = results[r][step], ref[step]
+            part = slice(start, start + sizes[r])
+            start += sizes[r]
+            tag = f"{what}, step {step}, rank {r}"
+            assert_close(got["y"], want["y"][part], 1e-5, what=f"{tag}: output")
+            assert_close(got["dx"], want["dx"][part], 1e-5, what=f"{tag}: input gradient")
+            for key in ("running_mean", "running_var"):
+                assert_close(got[key], want[key], 1e-5, what=f"{tag}: {key}")
+            assert got["nbt"] == want["nbt"]
+        for key in ("dweight", "dbias"):  # DDP all-reduces these: their sum is what counts
+            total = sum(results[r][step][key].double() for r in ranks)
+            assert_close(total, ref[step][key], 1e-5, what=f"{what}, step {step}: summed {key}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_each_rank_matches_single_process_batch_norm(exact, case):
+    world, results = exact
+    name, channels, trailing, sizes, cl, momentum = case
+    ref = reference(name, channels, trailing, sizes[world], momentum)
+    per_rank = [res[name] for res in results]
+    check_against(per_rank, ref, sizes[world], range(world), name)
+    if cl:
+        assert all(step["channels_last"] for rank in per_rank for step in rank)
+
+
+def test_subgroup_syncs_its_members_only(exact):
+    world, results = exact
+    if world != 3:
+        pytest.skip("the subgroup case needs 3 ranks")
+    sizes = [3, 5, 4]
+    per_rank = [res["subgroup"] for res in results]
+    # ranks 0 and 1: batch norm over their two slices; rank 2 (not a member): its own slice.
+    inside = reference("subgroup", 4, (), sizes, 0.1, rows=slice(0, 8))
+    alone = reference("subgroup", 4, (), sizes, 0.1, rows=slice(8, 12))
+    check_against(per_rank, inside, sizes, [0, 1], "subgroup members")
+    check_against({2: per_rank[2]}, alone, {2: 4}, [2], "rank outside the subgroup")
+
+
+def test_nonfinite_global_statistics_update_no_rank(exact):
+    world, results = exact
+    for r in range(world):
+        got = results[r]["nonfinite"]
+        assert got["warned"] and got["unchanged"] and got["nbt"] == 0, f"rank {r}: {got}"
+
+
+def test_data_parallel_step_equals_single_process_step(exact):
+    world, results = exact
+    model = train_model()
+    x, target = train_batch()
+    train_step(model, x, target, len(x))
+    want = model.state_dict()
+    for r in range(world):
+        got = results[r]["train_step"]
+        assert got.keys() == want.keys()
+        for key in want:
+            assert_close(got[key], want[key], 1e-5, what=f"rank {r}: {key} after one step")
+        assert "SyncBatchNorm" in results[r]["converted"]
+        assert "BatchNorm1d" not in results[r]["converted"]
+
+
+@pytest.mark.parametrize("kind", ["die", "skip"])
+def test_a_faulty_rank_makes_the_others_fail_clearly(tmp_path, kind):
+    results = launch(kind, 2, tmp_path)
+    survivors = [0] if kind == "die" else [0, 1]
+    if kind == "die":
+        assert results[1] is None  # it really died before writing anything
+    for r in survivors:
+        got = results[r]
+        assert got["error"] is not None, f"rank {r} did not notice the {kind!r} fault"
+        assert got["error"].startswith("SyncBatchNorm(3) (sync_id "), got["error"]
+        assert f"rank {r}, call 2" in got["error"], got["error"]
+        if kind == "skip":
+            assert "out of step" in got["error"]
+        else:
+            assert "failed" in got["error"]
+        assert got["unchanged"], f"rank {r}: running statistics changed on the failed step"
+        assert isinstance(bnorm.SyncBatchNormError("x"), RuntimeError)
