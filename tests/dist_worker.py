@@ -1,4 +1,6 @@
-"""One rank of a multi-process SyncBatchNorm test: ``python dist_worker.py SCENARIO RANK WORLD DIR``.
+"""One rank of a multi-process SyncBatchNorm test.
+
+Run as ``python dist_worker.py SCENARIO RANK WORLD DIR``.
 
 Launched by tests/test_distributed.py (one process per rank, bounded by timeouts there). Every
 rank builds the same global batches from fixed seeds, keeps its own slice, runs the scenario and
@@ -11,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -149,18 +152,23 @@ def scenario_exact(me: int, world: int) -> dict:
 
 
 def _fault_model() -> nn.Sequential:
-    return nn.Sequential(
-        bnorm.SyncBatchNorm(3, timeout=4), bnorm.SyncBatchNorm(3, timeout=4)
-    )
+    return nn.Sequential(bnorm.SyncBatchNorm(3, timeout=4), bnorm.SyncBatchNorm(3, timeout=4))
 
 
 def _stats(model: nn.Module) -> list[torch.Tensor]:
     return [b.clone() for b in model.buffers()]
 
 
-def scenario_fault(me: int, world: int, kind: str) -> dict:
-    """Step 1 runs normally; in step 2 the last rank dies before the first layer ("die") or
-    skips the first layer ("skip"). The others must raise SyncBatchNormError, stats unchanged."""
+def _wait_for_rank0(folder: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not (folder / "rank0.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # until rank 0 has given up and saved what it saw
+
+
+def scenario_fault(me: int, world: int, kind: str, folder: Path) -> dict:
+    """Step 1 runs normally; in step 2 the last rank dies before the first layer ("die"),
+    skips the first layer ("skip"), or stays away longer than the layers' 4 s timeout
+    ("late"). The others must raise SyncBatchNormError, their statistics unchanged."""
     model = _fault_model()
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(me))
     model(x).sum().backward()
@@ -169,6 +177,19 @@ def scenario_fault(me: int, world: int, kind: str) -> dict:
     if faulty and kind == "die":
         sys.stdout.flush()
         os._exit(0)  # dies without a word, as a killed process would
+    if kind == "no-backward":
+        y = model(x)  # the forward succeeds on both ranks ...
+        if faulty:  # ... but this rank never runs the backward
+            _wait_for_rank0(folder)
+            return {"error": None, "unchanged": True}
+        try:
+            y.sum().backward()
+        except bnorm.SyncBatchNormError as err:
+            return {"error": str(err), "unchanged": True}
+        return {"error": None, "unchanged": True}
+    if faulty and kind == "late":
+        _wait_for_rank0(folder)
+        return {"error": None, "unchanged": True}
     try:
         if faulty and kind == "skip":
             model[1](x)
@@ -198,7 +219,7 @@ def main() -> None:
     if scenario == "exact":
         result = scenario_exact(me, world)
     else:
-        result = scenario_fault(me, world, scenario)
+        result = scenario_fault(me, world, scenario, Path(folder))
     torch.save(result, Path(folder) / f"rank{me}.pt")
     if scenario == "exact":
         dist.barrier()

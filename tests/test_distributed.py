@@ -158,10 +158,15 @@ def test_data_parallel_step_equals_single_process_step(exact):
         assert "BatchNorm1d" not in results[r]["converted"]
 
 
-@pytest.mark.parametrize("kind", ["die", "skip"])
+@pytest.mark.parametrize("kind", ["die", "skip", "late", "no-backward"])
 def test_a_faulty_rank_makes_the_others_fail_clearly(tmp_path, kind):
     results = launch(kind, 2, tmp_path)
-    survivors = [0] if kind == "die" else [0, 1]
+    survivors = [0, 1] if kind == "skip" else [0]
+    if kind == "no-backward":
+        # the last layer's backward runs first: its all_reduce waits for the missing rank
+        error = results[0]["error"]
+        assert error is not None and "rank 0, call 2" in error and "backward" in error, error
+        return
     if kind == "die":
         assert results[1] is None  # it really died before writing anything
     for r in survivors:
@@ -170,8 +175,11 @@ def test_a_faulty_rank_makes_the_others_fail_clearly(tmp_path, kind):
         assert got["error"].startswith("SyncBatchNorm(3) (sync_id "), got["error"]
         assert f"rank {r}, call 2" in got["error"], got["error"]
         if kind == "skip":
-            assert "out of step" in got["error"]
+            # rank 0's first layer met rank 1's second one
+            assert "out of step" in got["error"] and "(0, 2), (1, 2)" in got["error"]
         else:
             assert "failed" in got["error"]
+        if kind == "late":
+            assert "timed out" in got["error"].lower(), got["error"]
         assert got["unchanged"], f"rank {r}: running statistics changed on the failed step"
         assert isinstance(bnorm.SyncBatchNormError("x"), RuntimeError)

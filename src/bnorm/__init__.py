@@ -10,18 +10,18 @@ Public API (everything else is private):
 - data-parallel: :class:`SyncBatchNorm`, :func:`convert_sync_batchnorm`, :mod:`bnorm.distributed`
 """
 
+from . import distributed as distributed
 from . import errors as errors
 from . import functional as functional
 from . import reference as reference
 from .errors import NonFiniteBatchError as NonFiniteBatchError
 from .errors import NonFiniteBatchWarning as NonFiniteBatchWarning
+from .errors import SyncBatchNormError as SyncBatchNormError
 from .modules import BatchNorm1d as BatchNorm1d
 from .modules import BatchNorm2d as BatchNorm2d
 from .modules import BatchNorm3d as BatchNorm3d
-from .tools import convert as convert
-from . import distributed as distributed
-from .errors import SyncBatchNormError as SyncBatchNormError
 from .modules import SyncBatchNorm as SyncBatchNorm
 from .modules import convert_sync_batchnorm as convert_sync_batchnorm
+from .tools import convert as convert
 
 __version__ = "0.1.0"

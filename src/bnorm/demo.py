@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as bd
 from .modules import BatchNorm1d
 from .reference import keras_momentum
 
@@ -124,13 +126,29 @@ def train_one(
     lr: float = 1e-3,
     data: tuple[torch.Tensor, ...] | None = None,
     on_epoch=None,
+    *,
+    distributed: bool | None = None,
 ) -> RunHistory:
-    """Train one variant (a key of :data:`VARIANTS`) from one seed; return its history."""
+    """Train one variant (a key of :data:`VARIANTS`) from one seed; return its history.
+
+    ``distributed`` (default: whether torch.distributed is initialized with more than one
+    process, e.g. under torchrun) trains data-parallel: the batch-norm layers become
+    :class:`bnorm.SyncBatchNorm`, the model is wrapped in DistributedDataParallel
+    (:func:`bnorm.distributed.prepare_model`), every rank draws the same global batch of
+    ``batch_size`` and trains on its shard (:func:`bnorm.distributed.shard`), and the loss is
+    scaled so that the gradient is the global batch's mean, exactly as one process would
+    compute it. Every rank returns the same history.
+    """
     xtr, ytr, xte, yte = data if data is not None else load_circles()
+    if distributed is None:
+        distributed = bd.world_size() > 1
     torch.manual_seed(seed)
     model = build_model(VARIANTS[variant])
+    if distributed:
+        model = bd.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-7)
-    loss_fn = nn.BCEWithLogitsLoss()  # sigmoid + binary cross-entropy, computed stably
+    # sigmoid + binary cross-entropy, computed stably; distributed: a sum, scaled below
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum" if distributed else "mean")
     order = torch.Generator().manual_seed(seed)
     history = RunHistory(variant=variant, seed=seed)
     start = time.perf_counter()
@@ -138,10 +156,17 @@ def train_one(
         model.train()
         for idx in torch.randperm(len(xtr), generator=order).split(batch_size):
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(xtr[idx]), ytr[idx]).backward()
+            if distributed:
+                mine = bd.shard(idx)
+                scale = bd.global_mean_loss_scale(len(mine), len(idx))
+                loss = loss_fn(model(xtr[mine]), ytr[mine]) * scale
+            else:
+                loss = loss_fn(model(xtr[idx]), ytr[idx])
+            loss.backward()
             optimizer.step()
-        history.train_acc.append(_accuracy(model, xtr, ytr))
-        history.test_acc.append(_accuracy(model, xte, yte))
+        # Evaluate the inner model: eval mode needs no collective, and every rank agrees.
+        history.train_acc.append(_accuracy(bd.unwrap(model), xtr, ytr))
+        history.test_acc.append(_accuracy(bd.unwrap(model), xte, yte))
         if on_epoch is not None:
             on_epoch()
     history.seconds = time.perf_counter() - start
@@ -237,11 +262,17 @@ def plot_curves(result: DemoResult, path: Path) -> Path:
 def run_demo(
     seeds: int = 5, epochs: int = 100, out: Path | None = None, progress: bool = True
 ) -> tuple[DemoResult, Path]:
-    """Train every variant from ``seeds`` seeds; write ``curves.png`` and ``results.json``."""
+    """Train every variant from ``seeds`` seeds; write ``curves.png`` and ``results.json``.
+
+    Under torchrun (torch.distributed initialized) every rank trains data-parallel (see
+    :func:`train_one`) and only rank 0 shows progress and writes the files.
+    """
     data = load_circles()
     out = Path(out) if out is not None else Path("bnorm-out") / "demo"
     seed_list = list(range(seeds))
     runs = []
+    main_process = bd.is_main_process()
+    progress = progress and main_process
     with tqdm(
         total=len(VARIANTS) * seeds * epochs, desc="bnorm demo", unit="epoch", disable=not progress
     ) as bar:
@@ -250,6 +281,8 @@ def run_demo(
                 bar.set_postfix_str(f"{variant}, seed {seed}")
                 runs.append(train_one(variant, seed, epochs=epochs, data=data, on_epoch=bar.update))
     result = DemoResult(runs=runs, epochs=epochs, seeds=seed_list)
+    if not main_process:
+        return result, out
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(result, out / "curves.png")
     payload = {"epochs": epochs, "seeds": seed_list, "runs": [asdict(r) for r in runs]}
@@ -270,12 +303,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_main)
 
 
+def _launch_rank() -> int:
+    # after destroy_process_group the rank is only in torchrun's environment
+    return int(os.environ.get("RANK", "0"))
+
+
+def _launch_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _main(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.epochs < 1:
         raise SystemExit("bnorm demo: --seeds and --epochs must be at least 1")
     start = time.perf_counter()
-    result, out = run_demo(args.seeds, args.epochs, args.out, progress=not args.no_progress)
+    # Under `torchrun --nproc-per-node N -m bnorm demo`: data-parallel over gloo, rank 0 reports.
+    distributed = bd.init_from_env()
+    try:
+        result, out = run_demo(args.seeds, args.epochs, args.out, progress=not args.no_progress)
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if _launch_rank() != 0:  # only rank 0 reports
+        return 0
     print()
+    if distributed:
+        print(
+            f"Data-parallel over {_launch_world()} processes (gloo, SyncBatchNorm, DDP); "
+            "each step's global batch is split between them."
+        )
     print(
         f"The article's example: make_circles, 500 train / 500 test, {args.epochs} epochs, "
         f"{args.seeds} seed(s); median [min–max] over seeds."

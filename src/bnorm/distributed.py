@@ -38,6 +38,7 @@ Two parts:
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -113,7 +114,9 @@ def merge_statistics(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor
     return mean, m2 / total, int(total)
 
 
-def _fail(layer: str, tag: tuple[int, int], what: str, err: BaseException | None = None) -> SyncBatchNormError:
+def _fail(
+    layer: str, tag: tuple[int, int], what: str, err: BaseException | None = None
+) -> SyncBatchNormError:
     me = dist.get_rank() if dist.is_initialized() else 0
     text = f"{layer} (sync_id {tag[0]}): rank {me}, call {tag[1]}: {what}"
     if err is not None:
@@ -241,7 +244,7 @@ def all_reduce_grad_sums(
     return packed[:channels], packed[channels : 2 * channels]
 
 
-def sync_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None | bool:
+def sync_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | bool | None:
     """The group to synchronize over, or ``False`` when there is nothing to synchronize.
 
     ``False`` when torch.distributed is unavailable or not initialized, when this rank is not a
@@ -262,9 +265,7 @@ def sync_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None | bo
 # --------------------------------------------------------------------------------------------
 
 
-def init_from_env(
-    backend: str = "gloo", timeout: datetime.timedelta | float | None = None
-) -> bool:
+def init_from_env(backend: str = "gloo", timeout: datetime.timedelta | float | None = None) -> bool:
     """Join the process group torchrun describes in the environment; False if not under it.
 
     Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` set and > 1) this calls
@@ -353,8 +354,9 @@ def prepare_model(
     Every torch or bnorm BatchNorm layer is converted by :func:`bnorm.convert_sync_batchnorm`
     (state kept; ``timeout`` is given to each layer), and the model is wrapped in
     :class:`torch.nn.parallel.DistributedDataParallel` (CPU: no ``device_ids``).
-    ``broadcast_buffers`` defaults to False because SyncBatchNorm keeps the running statistics
-    equal on every rank already (broadcasting them would add a collective per forward);
+    Buffer syncing on every forward (``forward_sync_buffers``, formerly ``broadcast_buffers``)
+    is off by default because SyncBatchNorm keeps the running statistics equal on every rank
+    already (syncing them would add a collective per forward);
     ``ddp_kwargs`` override it and pass anything else to DDP. Not distributed: the model is
     returned unchanged (local batch norm, no wrapper), so a loop runs single-process as is.
     Use ``model.module`` (see :func:`unwrap`) to evaluate or save without collectives.
@@ -364,7 +366,11 @@ def prepare_model(
     from .modules.sync import convert_sync_batchnorm
 
     model = convert_sync_batchnorm(model, process_group, timeout=timeout)
-    ddp_kwargs.setdefault("broadcast_buffers", False)
+    if "broadcast_buffers" not in ddp_kwargs:
+        # torch 2.13 renamed the flag (the old name warns); older versions only know the old.
+        params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        flag = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+        ddp_kwargs.setdefault(flag, False)
     if process_group is not None:
         ddp_kwargs.setdefault("process_group", process_group)
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)  # type: ignore[arg-type]
@@ -373,4 +379,3 @@ def prepare_model(
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper (or the model itself)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 from collections import OrderedDict
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -118,7 +119,10 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
         timeout: as the argument (a timedelta or None).
     """
 
-    _bnorm_defaults = {**_bn._BatchNormBase._bnorm_defaults, "timeout": None}
+    _bnorm_defaults: ClassVar[dict[str, object]] = {
+        **_bn._BatchNormBase._bnorm_defaults,
+        "timeout": None,
+    }
 
     def __init__(
         self,
