@@ -17,6 +17,11 @@ epochs. The batch-norm layer uses Keras' defaults too: a moving-average *decay* 
 PyTorch's ``momentum=0.01`` (:func:`bnorm.reference.keras_momentum`), and ``eps=1e-3``.
 Accuracy is measured in evaluation mode (running statistics) after every epoch, as Keras'
 ``evaluate`` does.
+
+Under ``torchrun --standalone --nproc-per-node N -m bnorm demo`` the same runs are trained
+data-parallel: DistributedDataParallel over gloo, the batch norms converted to
+:class:`bnorm.SyncBatchNorm`, each rank training on its shard of every global batch of 32 (see
+:func:`train_one`); rank 0 prints and writes.
 """
 
 from __future__ import annotations
