@@ -142,6 +142,24 @@ def scenario_exact(me: int, world: int) -> dict:
         and torch.equal(before[1], layer.running_var),
         "nbt": int(layer.num_batches_tracked),
     }
+    # An empty global batch: empty outputs, statistics unchanged, counted in nbt (as torch).
+    layer = new_layer(3, 0.1)
+    before = (layer.running_mean.clone(), layer.running_var.clone())
+    y = layer(torch.empty(0, 3, 2))
+    results["all-empty"] = {
+        "shape": tuple(y.shape),
+        "unchanged": torch.equal(before[0], layer.running_mean)
+        and torch.equal(before[1], layer.running_var),
+        "nbt": int(layer.num_batches_tracked),
+    }
+    # One value per channel over the whole group is an error on every rank, state unchanged.
+    layer = new_layer(3, 0.1)
+    try:
+        layer(torch.randn(1 if me == 0 else 0, 3))
+    except ValueError as err:
+        results["one-value"] = {"error": str(err), "nbt": int(layer.num_batches_tracked)}
+    else:
+        results["one-value"] = {"error": None}
     # A data-parallel training step: DDP + SyncBatchNorm on shards of a global batch of 32.
     model = bd.prepare_model(train_model())
     x, target = train_batch()
@@ -157,6 +175,10 @@ def _fault_model() -> nn.Sequential:
 
 def _stats(model: nn.Module) -> list[torch.Tensor]:
     return [b.clone() for b in model.buffers()]
+
+
+def _same(model: nn.Module, before: list[torch.Tensor]) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(before, _stats(model), strict=True))
 
 
 def _wait_for_rank0(folder: Path) -> None:
@@ -187,6 +209,16 @@ def scenario_fault(me: int, world: int, kind: str, folder: Path) -> dict:
         except bnorm.SyncBatchNormError as err:
             return {"error": str(err), "unchanged": True}
         return {"error": None, "unchanged": True}
+    if kind == "grad-mismatch":
+        try:
+            if faulty:
+                with torch.no_grad():  # this rank would not run the backward, the other would
+                    model(x)
+            else:
+                model(x)
+        except bnorm.SyncBatchNormError as err:
+            return {"error": str(err), "unchanged": _same(model, before)}
+        return {"error": None, "unchanged": _same(model, before)}
     if faulty and kind == "late":
         _wait_for_rank0(folder)
         return {"error": None, "unchanged": True}
@@ -199,11 +231,7 @@ def scenario_fault(me: int, world: int, kind: str, folder: Path) -> dict:
         error = str(err)
     else:
         error = None
-    after = _stats(model)
-    return {
-        "error": error,
-        "unchanged": all(torch.equal(a, b) for a, b in zip(before, after, strict=True)),
-    }
+    return {"error": error, "unchanged": _same(model, before)}
 
 
 def main() -> None:

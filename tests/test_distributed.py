@@ -19,8 +19,6 @@ import torch
 from dist_worker import CASES, STEPS, case_data, case_params, train_batch, train_model, train_step
 from helpers import assert_close
 
-import bnorm
-
 WORKER = Path(__file__).with_name("dist_worker.py")
 LAUNCH_TIMEOUT = 120  # seconds for a whole launch; a hang fails the test instead of CI
 
@@ -143,6 +141,16 @@ def test_nonfinite_global_statistics_update_no_rank(exact):
         assert got["warned"] and got["unchanged"] and got["nbt"] == 0, f"rank {r}: {got}"
 
 
+def test_empty_or_single_value_global_batches(exact):
+    world, results = exact
+    for r in range(world):
+        empty = results[r]["all-empty"]
+        assert empty == {"shape": (0, 3, 2), "unchanged": True, "nbt": 1}, f"rank {r}"
+        one = results[r]["one-value"]
+        assert one["error"] is not None, f"rank {r} accepted 1 value per channel"
+        assert "over the whole process group" in one["error"] and one["nbt"] == 0
+
+
 def test_data_parallel_step_equals_single_process_step(exact):
     world, results = exact
     model = train_model()
@@ -158,10 +166,10 @@ def test_data_parallel_step_equals_single_process_step(exact):
         assert "BatchNorm1d" not in results[r]["converted"]
 
 
-@pytest.mark.parametrize("kind", ["die", "skip", "late", "no-backward"])
+@pytest.mark.parametrize("kind", ["die", "skip", "late", "no-backward", "grad-mismatch"])
 def test_a_faulty_rank_makes_the_others_fail_clearly(tmp_path, kind):
     results = launch(kind, 2, tmp_path)
-    survivors = [0, 1] if kind == "skip" else [0]
+    survivors = [0, 1] if kind in ("skip", "grad-mismatch") else [0]
     if kind == "no-backward":
         # the last layer's backward runs first: its all_reduce waits for the missing rank
         error = results[0]["error"]
@@ -174,7 +182,9 @@ def test_a_faulty_rank_makes_the_others_fail_clearly(tmp_path, kind):
         assert got["error"] is not None, f"rank {r} did not notice the {kind!r} fault"
         assert got["error"].startswith("SyncBatchNorm(3) (sync_id "), got["error"]
         assert f"rank {r}, call 2" in got["error"], got["error"]
-        if kind == "skip":
+        if kind == "grad-mismatch":
+            assert "requires_grad per rank: [True, False]" in got["error"], got["error"]
+        elif kind == "skip":
             # rank 0's first layer met rank 1's second one
             assert "out of step" in got["error"] and "(0, 2), (1, 2)" in got["error"]
         else:
@@ -182,4 +192,3 @@ def test_a_faulty_rank_makes_the_others_fail_clearly(tmp_path, kind):
         if kind == "late":
             assert "timed out" in got["error"].lower(), got["error"]
         assert got["unchanged"], f"rank {r}: running statistics changed on the failed step"
-        assert isinstance(bnorm.SyncBatchNormError("x"), RuntimeError)
