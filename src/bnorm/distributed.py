@@ -91,8 +91,8 @@ def merge_statistics(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor
 
     Args:
         counts: (k,) values per channel on each rank (0 for an empty rank).
-        means: (k, C) per-rank means (any finite value for an empty rank: it gets weight 0).
-        m2s: (k, C) per-rank sums of squared deviations from the rank's own mean.
+        means: (k, C) per-rank means (any value, even NaN, for an empty rank: weight 0).
+        m2s: (k, C) per-rank sums of squared deviations from the rank's own mean (likewise).
 
     Returns float64 ``mean`` and ``var`` of shape (C,) and the total count; for a total
     count of 0, mean 0 and var 1 (finite stand-ins: nothing is normalized).
@@ -120,7 +120,8 @@ def _fail(
     me = dist.get_rank() if dist.is_initialized() else 0
     text = f"{layer} (sync_id {tag[0]}): rank {me}, call {tag[1]}: {what}"
     if err is not None:
-        text += f" ({type(err).__name__}: {str(err).strip().splitlines()[0][:300]})"
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        text += f" ({type(err).__name__}: {first_line})"
     return SyncBatchNormError(text)
 
 
@@ -171,8 +172,9 @@ def gather_statistics(
         raise _fail(
             layer,
             tag,
-            f"gathering batch statistics from {k} ranks failed: another rank died, "
-            f"did not call this layer, or did not reach it within the timeout",
+            f"gathering batch statistics from {k} ranks failed: another rank died, did not "
+            "call this layer (or called a layer of another size), or did not reach it within "
+            "the timeout",
             err,
         ) from err
     table = torch.stack(parts)

@@ -194,7 +194,7 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
         name = self._layer_name()
         x = as_supported_layout(input)
         channels = x.shape[1]
-        count = x.numel() // channels
+        count = x.numel() // channels if channels else 0
         backend = select_backend(x)
         if count > 0:
             with torch.no_grad():
