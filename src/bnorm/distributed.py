@@ -54,7 +54,6 @@ __all__ = [
     "all_reduce_grad_sums",
     "gather_statistics",
     "global_mean_loss_scale",
-    "group_rank",
     "init_from_env",
     "is_main_process",
     "merge_statistics",
@@ -296,13 +295,6 @@ def rank() -> int:
 def world_size() -> int:
     """The number of processes in the default group (1 when not distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def group_rank(group: dist.ProcessGroup | None = None) -> int:
-    """This process's rank inside ``group`` (-1 if not a member, 0 when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    return dist.get_rank(group)
 
 
 def is_main_process() -> bool:

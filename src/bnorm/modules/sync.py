@@ -350,7 +350,9 @@ def convert_sync_batchnorm(
     objects, so an optimizer built before still updates them), its mode, hooks and
     ``on_nonfinite`` setting; ``timeout`` is set on every converted layer. Changes ``module``
     in place and returns it (or the new layer, if ``module`` is itself a batch norm).
-    Not an error when not distributed: the layers then compute local batch norm.
+    Not an error when not distributed: the layers then compute local batch norm. To go back
+    to local layers after training, load the state_dict into the original model: the keys are
+    the same.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(
