@@ -32,7 +32,10 @@ CASES = [
     ("NCHW-channels_last", 3, (3, 4), {2: [2, 3], 3: [3, 1, 2]}, True, 0.1),
     ("uneven-NC", 4, (), {2: [1, 7], 3: [1, 7, 3]}, False, None),
     ("empty-rank-NCL", 3, (5,), {2: [0, 4], 3: [3, 0, 4]}, False, 0.3),
+    ("offset-1e4-NC", 4, (), {2: [6, 3], 3: [2, 5, 3]}, False, 0.1),
 ]
+# data far from zero: float32 values around 1e4 with spread 2 (a naive E[x²]-E[x]² loses it)
+OFFSETS = {"offset-1e4-NC": 1e4}
 STEPS = 2
 
 
@@ -40,7 +43,7 @@ def case_data(name: str, channels: int, trailing: tuple[int, ...], total: int, s
     """The global batch and upstream gradient of one step (same on every rank and the parent)."""
     g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{step}".encode()))
     shape = (total, channels, *trailing)
-    x = torch.randn(shape, generator=g) * 2.0 + 3.0
+    x = torch.randn(shape, generator=g) * 2.0 + 3.0 + OFFSETS.get(name, 0.0)
     dy = torch.randn(shape, generator=g)
     return x, dy
 

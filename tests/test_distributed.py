@@ -103,7 +103,8 @@ def check_against(results, ref, sizes, ranks, what):
             assert_close(got["y"], want["y"][part], 1e-5, what=f"{tag}: output")
             assert_close(got["dx"], want["dx"][part], 1e-5, what=f"{tag}: input gradient")
             for key in ("running_mean", "running_var"):
-                assert_close(got[key], want[key], 1e-5, what=f"{tag}: {key}")
+                # float32 buffers: near 1e3 (the offset case) their own rounding is 6e-5
+                assert_close(got[key], want[key], 1e-5, rtol=1e-7, what=f"{tag}: {key}")
             assert got["nbt"] == want["nbt"]
         for key in ("dweight", "dbias"):  # DDP all-reduces these: their sum is what counts
             total = sum(results[r][step][key].double() for r in ranks)
