@@ -17,6 +17,10 @@ from .errors import NonFiniteBatchWarning as NonFiniteBatchWarning
 from .modules import BatchNorm1d as BatchNorm1d
 from .modules import BatchNorm2d as BatchNorm2d
 from .modules import BatchNorm3d as BatchNorm3d
+from .modules import BatchRenorm1d as BatchRenorm1d
+from .modules import BatchRenorm2d as BatchRenorm2d
+from .modules import BatchRenorm3d as BatchRenorm3d
+from .modules.renorm import linear_ramp as linear_ramp
 from .tools import convert as convert
 
 __version__ = "0.1.0"
