@@ -20,6 +20,8 @@ from .modules import BatchNorm3d as BatchNorm3d
 from .modules import BatchRenorm1d as BatchRenorm1d
 from .modules import BatchRenorm2d as BatchRenorm2d
 from .modules import BatchRenorm3d as BatchRenorm3d
+from .modules import GhostBatchNorm1d as GhostBatchNorm1d
+from .modules import GhostBatchNorm2d as GhostBatchNorm2d
 from .modules.renorm import linear_ramp as linear_ramp
 from .tools import convert as convert
 
