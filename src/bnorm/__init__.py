@@ -24,5 +24,6 @@ from .modules import GhostBatchNorm1d as GhostBatchNorm1d
 from .modules import GhostBatchNorm2d as GhostBatchNorm2d
 from .modules.renorm import linear_ramp as linear_ramp
 from .tools import convert as convert
+from .tools import precise_bn as precise_bn
 
 __version__ = "0.1.0"

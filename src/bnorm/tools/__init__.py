@@ -1,3 +1,4 @@
 """Tools that work on whole models: conversion between torch's and bnorm's layers."""
 
 from .convert import convert as convert
+from .precise import precise_bn as precise_bn
