@@ -14,14 +14,17 @@ from . import functional as functional
 from . import reference as reference
 from .errors import NonFiniteBatchError as NonFiniteBatchError
 from .errors import NonFiniteBatchWarning as NonFiniteBatchWarning
+from .modules import BNLSTM as BNLSTM
 from .modules import BatchNorm1d as BatchNorm1d
 from .modules import BatchNorm2d as BatchNorm2d
 from .modules import BatchNorm3d as BatchNorm3d
 from .modules import BatchRenorm1d as BatchRenorm1d
 from .modules import BatchRenorm2d as BatchRenorm2d
 from .modules import BatchRenorm3d as BatchRenorm3d
+from .modules import BNLSTMCell as BNLSTMCell
 from .modules import GhostBatchNorm1d as GhostBatchNorm1d
 from .modules import GhostBatchNorm2d as GhostBatchNorm2d
+from .modules import RecurrentBatchNorm1d as RecurrentBatchNorm1d
 from .modules.renorm import linear_ramp as linear_ramp
 from .tools import convert as convert
 from .tools import precise_bn as precise_bn

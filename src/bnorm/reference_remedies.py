@@ -262,12 +262,13 @@ def _masked_bn(
     t: int,
     momentum: float,
     eps: float,
+    training: bool,
 ) -> np.ndarray:
     """Batch norm of the rows of ``v`` (B, F) with statistics over the ``valid`` rows only, and
     the per-step running statistics ``running[...][t]`` updated in place. A step with a single
     valid row is normalized with the running statistics and does not update them."""
     rows = v[valid]
-    if rows.shape[0] >= 2:
+    if training and rows.shape[0] >= 2:
         stats = batch_stats(rows, axis=1)
         mean, var = stats.mean, stats.var
         rm, rv, _ = update_running_stats(
@@ -291,6 +292,7 @@ def bnlstm_forward(
     running: dict[str, dict[str, np.ndarray]],
     momentum: float = 0.1,
     eps: float = 1e-5,
+    training: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Batch-normalized LSTM (Cooijmans et al. 2016) over a padded batch, in training mode.
 
@@ -306,6 +308,7 @@ def bnlstm_forward(
     each BN with statistics over the sequences valid at step t, and with its own running
     statistics per step ``min(t, max_steps - 1)`` (``running["x"|"h"|"c"]["mean"|"var"]``,
     arrays (max_steps, F), updated in place). Finished sequences keep their state.
+    With ``training=False`` every step normalizes with its running statistics, unchanged.
     Returns ``(output (T, B, H) zero beyond each length, h_n (B, H), c_n (B, H))``.
     """
     steps, batch, _ = x.shape
@@ -321,14 +324,14 @@ def bnlstm_forward(
             break
         s = min(t, max_steps - 1)
         gates = (
-            _masked_bn(x[t] @ w_ih.T, valid, g_x, zero4, running["x"], s, momentum, eps)
-            + _masked_bn(h @ w_hh.T, valid, g_h, zero4, running["h"], s, momentum, eps)
+            _masked_bn(x[t] @ w_ih.T, valid, g_x, zero4, running["x"], s, momentum, eps, training)
+            + _masked_bn(h @ w_hh.T, valid, g_h, zero4, running["h"], s, momentum, eps, training)
             + bias
         )
         i, f, g, o = np.split(gates, 4, axis=1)
         c_new = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
         h_new = _sigmoid(o) * np.tanh(
-            _masked_bn(c_new, valid, g_c, beta_c, running["c"], s, momentum, eps)
+            _masked_bn(c_new, valid, g_c, beta_c, running["c"], s, momentum, eps, training)
         )
         keep = valid[:, None]
         c = np.where(keep, c_new, c)

@@ -5,6 +5,9 @@ from .batchnorm import BatchNorm2d as BatchNorm2d
 from .batchnorm import BatchNorm3d as BatchNorm3d
 from .ghost import GhostBatchNorm1d as GhostBatchNorm1d
 from .ghost import GhostBatchNorm2d as GhostBatchNorm2d
+from .recurrent import BNLSTM as BNLSTM
+from .recurrent import BNLSTMCell as BNLSTMCell
+from .recurrent import RecurrentBatchNorm1d as RecurrentBatchNorm1d
 from .renorm import BatchRenorm1d as BatchRenorm1d
 from .renorm import BatchRenorm2d as BatchRenorm2d
 from .renorm import BatchRenorm3d as BatchRenorm3d

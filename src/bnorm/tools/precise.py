@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..modules.recurrent import RecurrentBatchNorm1d
+
 __all__ = ["MergedStats", "precise_bn"]
 
 
@@ -72,12 +74,11 @@ def _is_batch_norm(m: nn.Module) -> bool:
     )
 
 
-def _step_of(m: nn.Module, args: tuple[Any, ...]) -> int:
+def _step_of(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     """The key of the statistics an input belongs to: 0, or the time step of a recurrent BN."""
-    steps = getattr(m, "max_steps", None)
-    if steps is None:
+    if not _is_recurrent_bn(m):
         return 0
-    return min(int(args[1]), steps - 1)
+    return m.step_index(args[1] if len(args) > 1 else kwargs["t"])
 
 
 def precise_bn(
@@ -90,8 +91,9 @@ def precise_bn(
 
     Layers: every ``torch.nn`` batch norm with running statistics (``BatchNorm1d/2d/3d``,
     ``SyncBatchNorm``) and bnorm's layers built on them (``BatchNorm*``, ``BatchRenorm*``,
-    ``GhostBatchNorm*``, ``BatchNormAct*``), and :class:`bnorm.RecurrentBatchNorm1d`, whose
-    statistics are kept per time step. Frozen layers and layers without running statistics are
+    ``GhostBatchNorm*``, ``BatchNormAct*``), and :class:`bnorm.RecurrentBatchNorm1d` (also
+    inside :class:`bnorm.BNLSTM`), whose statistics are merged and set per time step (steps
+    the batches never reach keep theirs). Frozen layers and layers without running statistics are
     left alone.
 
     How: the model runs in training mode under ``torch.no_grad()``, batch by batch, so each
@@ -130,13 +132,14 @@ def precise_bn(
 
     stats: dict[nn.Module, dict[int, MergedStats]] = {m: {} for m in layers}
 
-    def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
-        stats[m].setdefault(_step_of(m, args), MergedStats()).add(args[0])
+    def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs["input"]
+        stats[m].setdefault(_step_of(m, args, kwargs), MergedStats()).add(x)
 
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in layers}
     saved = {id(b): (b, b.detach().clone()) for b in model.buffers()}
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
     used = 0
     try:
         for m in layers:
@@ -175,7 +178,7 @@ def precise_bn(
                 else:
                     m.running_mean.copy_(merged.mean)
                     m.running_var.copy_(merged.unbiased_var)
-            if not per_step:
+            if not per_step:  # never called
                 starved.append(f"{type(m).__name__}({m.num_features})")
     if starved:
         warnings.warn(
@@ -188,4 +191,4 @@ def precise_bn(
 
 
 def _is_recurrent_bn(m: nn.Module) -> bool:
-    return False  # replaced when bnorm has a recurrent batch norm
+    return isinstance(m, RecurrentBatchNorm1d)
