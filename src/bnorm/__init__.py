@@ -22,11 +22,16 @@ from .modules import BatchRenorm1d as BatchRenorm1d
 from .modules import BatchRenorm2d as BatchRenorm2d
 from .modules import BatchRenorm3d as BatchRenorm3d
 from .modules import BNLSTMCell as BNLSTMCell
+from .modules import FrozenBatchNorm1d as FrozenBatchNorm1d
+from .modules import FrozenBatchNorm2d as FrozenBatchNorm2d
+from .modules import FrozenBatchNorm3d as FrozenBatchNorm3d
 from .modules import GhostBatchNorm1d as GhostBatchNorm1d
 from .modules import GhostBatchNorm2d as GhostBatchNorm2d
 from .modules import RecurrentBatchNorm1d as RecurrentBatchNorm1d
 from .modules.renorm import linear_ramp as linear_ramp
 from .tools import convert as convert
+from .tools import freeze as freeze
 from .tools import precise_bn as precise_bn
+from .tools import unfreeze as unfreeze
 
 __version__ = "0.1.0"

@@ -3,6 +3,9 @@
 from .batchnorm import BatchNorm1d as BatchNorm1d
 from .batchnorm import BatchNorm2d as BatchNorm2d
 from .batchnorm import BatchNorm3d as BatchNorm3d
+from .frozen import FrozenBatchNorm1d as FrozenBatchNorm1d
+from .frozen import FrozenBatchNorm2d as FrozenBatchNorm2d
+from .frozen import FrozenBatchNorm3d as FrozenBatchNorm3d
 from .ghost import GhostBatchNorm1d as GhostBatchNorm1d
 from .ghost import GhostBatchNorm2d as GhostBatchNorm2d
 from .recurrent import BNLSTM as BNLSTM
