@@ -18,6 +18,8 @@ from .modules import BNLSTM as BNLSTM
 from .modules import BatchNorm1d as BatchNorm1d
 from .modules import BatchNorm2d as BatchNorm2d
 from .modules import BatchNorm3d as BatchNorm3d
+from .modules import BatchNormAct1d as BatchNormAct1d
+from .modules import BatchNormAct2d as BatchNormAct2d
 from .modules import BatchRenorm1d as BatchRenorm1d
 from .modules import BatchRenorm2d as BatchRenorm2d
 from .modules import BatchRenorm3d as BatchRenorm3d

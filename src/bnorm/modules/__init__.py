@@ -1,5 +1,7 @@
 """bnorm's nn.Module layers."""
 
+from .act import BatchNormAct1d as BatchNormAct1d
+from .act import BatchNormAct2d as BatchNormAct2d
 from .batchnorm import BatchNorm1d as BatchNorm1d
 from .batchnorm import BatchNorm2d as BatchNorm2d
 from .batchnorm import BatchNorm3d as BatchNorm3d
