@@ -6,12 +6,18 @@ Public API (everything else is private):
 - functions: :mod:`bnorm.functional` (``batch_norm``)
 - the NumPy float64 specification: :mod:`bnorm.reference`
 - tools: :func:`convert`
+- remedies for batch norm's limitations: :class:`BatchRenorm1d`/``2d``/``3d`` (with
+  :func:`linear_ramp`), :class:`GhostBatchNorm1d`/``2d``, :class:`RecurrentBatchNorm1d`,
+  :class:`BNLSTMCell`, :class:`BNLSTM`, :class:`FrozenBatchNorm1d`/``2d``/``3d`` with
+  :func:`freeze`/:func:`unfreeze`, :func:`precise_bn`, :class:`BatchNormAct1d`/``2d``; their
+  NumPy float64 specification: :mod:`bnorm.reference_remedies`
 - errors and warnings: :mod:`bnorm.errors`
 """
 
 from . import errors as errors
 from . import functional as functional
 from . import reference as reference
+from . import reference_remedies as reference_remedies
 from .errors import NonFiniteBatchError as NonFiniteBatchError
 from .errors import NonFiniteBatchWarning as NonFiniteBatchWarning
 from .modules import BNLSTM as BNLSTM
