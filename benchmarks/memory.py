@@ -46,6 +46,7 @@ VARIANT_NAMES = (
     "bnorm BatchNormAct2d(leaky_relu)",
     "bnorm BatchNormAct2d(leaky_relu, memory_efficient)",
     "bnorm BatchNormAct2d(elu, memory_efficient)",
+    "bnorm BatchNormAct2d(leaky_relu, memory_efficient, inplace)",
 )
 
 
@@ -70,6 +71,9 @@ def variants() -> dict[str, Callable[[int], Any]]:
         ),
         "bnorm BatchNormAct2d(elu, memory_efficient)": lambda c: bnorm.BatchNormAct2d(
             c, "elu", memory_efficient=True
+        ),
+        "bnorm BatchNormAct2d(leaky_relu, memory_efficient, inplace)": (
+            lambda c: bnorm.BatchNormAct2d(c, "leaky_relu", memory_efficient=True, inplace=True)
         ),
     }
 

@@ -194,3 +194,43 @@ def test_hypothesis_efficient_equals_plain(act, n, length, training, slope):
     y_p, dx_p, _ = _run(plain, x, dy)
     assert_close(y_e, y_p, atol=1e-13, rtol=1e-12)
     assert_close(dx_e, dx_p, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("act", INVERTIBLE)
+@pytest.mark.parametrize("training", [True, False])
+def test_inplace_overwrites_the_input_and_keeps_the_gradients(act, training):
+    efficient, plain = _pair(bnorm.BatchNormAct2d, 3, act)
+    inplace = bnorm.BatchNormAct2d(3, act, True, inplace=True, dtype=torch.float64)
+    inplace.load_state_dict(efficient.state_dict())
+    for m in (inplace, plain):
+        m.train(training)
+    x = torch.randn(4, 3, 2, 3, dtype=torch.float64) + 0.5
+    dy = torch.randn(4, 3, 2, 3, dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    h = leaf * 1  # a non-leaf input, as a convolution's output is
+    y = inplace(h)
+    assert y.data_ptr() == h.data_ptr()  # the output lives in the input's memory
+    y.backward(dy)
+    y_p, dx_p, dp_p = _run(plain, x, dy)
+    assert_close(y, y_p, atol=1e-14, rtol=1e-13)
+    assert_close(leaf.grad, dx_p, atol=1e-12, rtol=1e-10)
+    for a, b in zip([p.grad for p in inplace.parameters()], dp_p, strict=True):
+        assert_close(a, b, atol=1e-12, rtol=1e-10)
+    for k, v in inplace.state_dict().items():
+        assert_close(v, plain.state_dict()[k], atol=1e-14, rtol=1e-13, what=k)
+
+
+def test_inplace_gradcheck_low_precision_and_errors():
+    m = bnorm.BatchNormAct1d(2, "elu", True, inplace=True, momentum=0.0, dtype=torch.float64)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([0.7, -1.3], dtype=torch.float64))
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: m(x * 1), (x,))
+    with pytest.raises(ValueError, match="cannot be a leaf tensor that requires grad"):
+        m(x)
+    with pytest.raises(ValueError, match="inplace=True is part of memory_efficient=True"):
+        bnorm.BatchNormAct1d(2, "elu", inplace=True)
+    half = bnorm.BatchNormAct2d(3, "leaky_relu", True, inplace=True)
+    plain = bnorm.BatchNormAct2d(3, "leaky_relu")
+    xb = torch.randn(2, 3, 4, 4).to(torch.bfloat16)
+    assert_close(half(xb.clone()), plain(xb), atol=1e-2, rtol=1e-2)  # fp32 compute, bf16 out

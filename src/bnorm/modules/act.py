@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from .._remedies_common import layout_of, per_channel, reduce_dims, values_per_channel
 from ..functional import update_running_stats
-from ..kernels import Backend, as_supported_layout, select_backend
+from ..kernels import Backend, as_supported_layout, select_backend, torch_ops
 from .batchnorm import _BatchNormBase
 
 __all__ = ["ACTIVATIONS", "BatchNormAct1d", "BatchNormAct2d", "batch_norm_act_memory_efficient"]
@@ -59,7 +59,8 @@ def invert_activation(
     y: Tensor, dy: Tensor, act: str, negative_slope: float, alpha: float
 ) -> tuple[Tensor, Tensor]:
     """``(z, dz)``: the activation's input recovered from its output ``y``, and the gradient
-    ``dy * act'(z)`` (see :func:`bnorm.reference_remedies.act_inverse`)."""
+    ``dy * act'(z)`` (see :func:`bnorm.reference_remedies.act_inverse`). ``z`` is always a new
+    tensor (the caller may overwrite it); ``dz`` may be ``dy`` itself."""
     if act == "leaky_relu":
         neg = y < 0
         return torch.where(neg, y / negative_slope, y), torch.where(neg, dy * negative_slope, dy)
@@ -69,8 +70,36 @@ def invert_activation(
         ratio = torch.clamp(y / alpha, min=-1.0 + torch.finfo(y.dtype).eps)
         return torch.where(pos, y, torch.log1p(ratio)), torch.where(pos, dy, dy * (y + alpha))
     if act == "identity":
-        return y, dy
+        return y.clone(), dy
     raise ValueError(f"activation {act!r} cannot be inverted")
+
+
+def affine_act_(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    act: str,
+    negative_slope: float,
+    alpha: float,
+) -> Tensor:
+    """``x <- act((x - mean) * invstd * weight + bias)`` in x's own memory (In-Place ABN).
+
+    Computed as ``(x - k) * scale + offset`` with ``k`` the mean rounded to x's dtype, like
+    the kernels' transform, so the large part of ``x - mean`` is taken exactly.
+    """
+    g = invstd.new_ones(invstd.shape) if weight is None else weight.detach().double()
+    b = invstd.new_zeros(invstd.shape) if bias is None else bias.detach().double()
+    if x.dtype in (torch.float32, torch.float64):
+        k = mean.to(x.dtype)
+        scale = invstd * g
+        offset = b - (mean - k.double()) * scale
+        x.sub_(per_channel(k, x)).mul_(per_channel(scale.to(x.dtype), x))
+        x.add_(per_channel(offset.to(x.dtype), x))
+    else:  # bf16/fp16: compute in fp32 as the kernels do, then store
+        x.copy_(torch_ops.transform(x, mean, invstd, weight, bias))
+    return activation_(x, act, negative_slope, alpha)
 
 
 class _BatchNormActFunction(torch.autograd.Function):
@@ -78,10 +107,25 @@ class _BatchNormActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x, weight, bias, mean, invstd, use_batch_stats, act, negative_slope, alpha, backend
+        ctx,
+        x,
+        weight,
+        bias,
+        mean,
+        invstd,
+        use_batch_stats,
+        act,
+        negative_slope,
+        alpha,
+        backend,
+        inplace,
     ):
-        z = backend.transform(x, mean, invstd, weight, bias)
-        y = activation_(z, act, negative_slope, alpha)
+        if inplace:
+            y = affine_act_(x, mean, invstd, weight, bias, act, negative_slope, alpha)
+            ctx.mark_dirty(x)
+        else:
+            z = backend.transform(x, mean, invstd, weight, bias)
+            y = activation_(z, act, negative_slope, alpha)
         ctx.save_for_backward(y, weight, bias, invstd)
         ctx.config = (use_batch_stats, act, negative_slope, alpha)
         return y
@@ -96,26 +140,28 @@ class _BatchNormActFunction(torch.autograd.Function):
         z, dz = invert_activation(y.to(cd), dy, act, negative_slope, alpha)
         g = invstd.new_ones(invstd.shape) if weight is None else weight.detach().double()
         b = invstd.new_zeros(invstd.shape) if bias is None else bias.detach().double()
-        xhat = (z - per_channel(b.to(cd), z)) * per_channel((1.0 / g).to(cd), z)
-        dims = reduce_dims(z)
+        # x̂ = (z − β)/γ, in place in z: the backward's temporaries are what the peak memory
+        # of a memory-efficient network is made of, so each full-size tensor is made once.
+        xhat = z.sub_(per_channel(b.to(cd), z)).mul_(per_channel((1.0 / g).to(cd), z))
+        dims = reduce_dims(xhat)
         sum_dz = dz.sum(dims, dtype=torch.float64)
         sum_dz_xhat = (dz * xhat).sum(dims, dtype=torch.float64)
         a = g * invstd
         dx = None
         if ctx.needs_input_grad[0]:
             if use_batch_stats:
-                count = values_per_channel(z)
-                dx = per_channel(a.to(cd), z) * (
-                    dz
-                    - per_channel((sum_dz / count).to(cd), z)
-                    - xhat * per_channel((sum_dz_xhat / count).to(cd), z)
-                )
+                # dx = γ·invstd·(dz − mean(dz) − x̂·mean(dz·x̂))
+                count = values_per_channel(xhat)
+                dx = dz - per_channel((sum_dz / count).to(cd), xhat)
+                dx.addcmul_(xhat, per_channel((sum_dz_xhat / count).to(cd), xhat), value=-1.0)
+                del xhat
+                dx.mul_(per_channel(a.to(cd), dx))
             else:  # fixed statistics: dx = γ·invstd·dz
-                dx = dz * per_channel(a.to(cd), z)
+                dx = dz * per_channel(a.to(cd), dz)
             dx = dx.to(y.dtype)
         dweight = sum_dz_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = sum_dz.to(bias.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None, None
 
 
 def batch_norm_act_memory_efficient(
@@ -134,10 +180,18 @@ def batch_norm_act_memory_efficient(
     num_batches_tracked: Tensor | None = None,
     on_nonfinite: str = "warn",
     layer: str = "batch_norm_act",
+    inplace: bool = False,
 ) -> Tensor:
     r"""Batch norm + invertible activation of a checked, non-empty input (N, C, \*) whose
     autograd graph keeps only the output. In training (``use_batch_stats``) the running
-    statistics, if given, are updated as :func:`bnorm.functional.batch_norm` does."""
+    statistics, if given, are updated as :func:`bnorm.functional.batch_norm` does.
+    ``inplace=True`` writes the output into ``x`` (which must not be a leaf requiring grad)
+    and returns it."""
+    if inplace and x.is_leaf and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{layer}: inplace=True overwrites its input, which cannot be a leaf tensor that "
+            f"requires grad (got one of shape {tuple(x.shape)}); use inplace=False here"
+        )
     x = as_supported_layout(x)
     backend: Backend = select_backend(x)
     if use_batch_stats:
@@ -156,8 +210,20 @@ def batch_norm_act_memory_efficient(
         t is not None and t.requires_grad for t in (x, weight, bias)
     ):
         return _BatchNormActFunction.apply(
-            x, weight, bias, mean, invstd, use_batch_stats, act, negative_slope, alpha, backend
+            x,
+            weight,
+            bias,
+            mean,
+            invstd,
+            use_batch_stats,
+            act,
+            negative_slope,
+            alpha,
+            backend,
+            inplace,
         )
+    if inplace:
+        return affine_act_(x, mean, invstd, weight, bias, act, negative_slope, alpha)
     return activation_(backend.transform(x, mean, invstd, weight, bias), act, negative_slope, alpha)
 
 
@@ -175,6 +241,10 @@ _ACT_DOC = r"""
     (slope > 0), ``elu`` (alpha > 0) or ``identity``; ``relu`` is refused. The weight γ must
     have no zero while gradients are computed (x̂ = (z − β)/γ); a small |γ| costs precision.
     Double backward is not supported in this mode. Gradients equal the plain layer's.
+    ``inplace=True`` (with ``memory_efficient=True``) also writes the output into the input's
+    memory, as In-Place ABN does, so the forward allocates nothing of the input's size: the
+    input must then not be used anywhere else (e.g. by a residual connection), exactly as
+    with ``torch.nn.ReLU(inplace=True)``; a leaf input that requires grad is refused.
 
     Args:
         num_features: the number of channels ``C``.
@@ -183,6 +253,7 @@ _ACT_DOC = r"""
         eps, momentum, affine, track_running_stats, device, dtype: as
             :class:`bnorm.BatchNorm2d` (keyword only).
         negative_slope, alpha: the activation's parameters (keyword only).
+        inplace: overwrite the input with the output (keyword only; needs memory_efficient).
         bias, on_nonfinite, small_batch: as :class:`bnorm.BatchNorm2d` (keyword only).
 """
 
@@ -203,11 +274,14 @@ class _BatchNormActBase(_BatchNormBase):
         track_running_stats: bool = True,
         negative_slope: float = 0.01,
         alpha: float = 1.0,
+        inplace: bool = False,
         device: Any = None,
         dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         name = f"{type(self).__name__}({num_features})"
+        if inplace and not memory_efficient:
+            raise ValueError(f"{name}: inplace=True is part of memory_efficient=True; set both")
         if act not in ACTIVATIONS:
             raise ValueError(f"{name}: act must be one of {ACTIVATIONS}, got {act!r}")
         if memory_efficient and act not in INVERTIBLE:
@@ -229,6 +303,7 @@ class _BatchNormActBase(_BatchNormBase):
         )
         self.act = act
         self.memory_efficient = bool(memory_efficient)
+        self.inplace = bool(inplace)
         self.negative_slope = float(negative_slope)
         self.alpha = float(alpha)
 
@@ -262,6 +337,7 @@ class _BatchNormActBase(_BatchNormBase):
             num_batches_tracked=self.num_batches_tracked if update else None,
             on_nonfinite=self.on_nonfinite,
             layer=self._layer_name(),
+            inplace=self.inplace,
         )
 
     def extra_repr(self) -> str:
@@ -272,6 +348,8 @@ class _BatchNormActBase(_BatchNormBase):
             text += f", alpha={self.alpha}"
         if self.memory_efficient:
             text += ", memory_efficient=True"
+        if self.inplace:
+            text += ", inplace=True"
         return text
 
 
