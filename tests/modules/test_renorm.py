@@ -166,6 +166,9 @@ def test_bad_arguments_and_inputs_leave_state_unchanged():
         bnorm.BatchRenorm2d(3, r_max=0.5)
     with pytest.raises(ValueError, match=r"BatchRenorm2d\(3\): d_max must be >= 0"):
         bnorm.BatchRenorm2d(3, d_max=-1)
+    with pytest.raises(ValueError, match="track_running_stats=False is not supported"):
+        bnorm.BatchRenorm1d(3, track_running_stats=False)
+    assert bnorm.BatchRenorm1d(3, track_running_stats=True).track_running_stats
     with pytest.raises(ValueError, match="unknown r_max schedule 'fast'"):
         bnorm.BatchRenorm2d(3, r_max="fast")
     m = bnorm.BatchRenorm2d(3, r_max=lambda step: 0.0)

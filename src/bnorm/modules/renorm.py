@@ -218,6 +218,11 @@ class _BatchRenormBase(_BatchNormBase):
         **kwargs: Any,
     ) -> None:
         name = f"{type(self).__name__}({num_features})"
+        if not kwargs.pop("track_running_stats", True):
+            raise ValueError(
+                f"{name}: Batch Renormalization needs running statistics (r and d are defined "
+                f"by them); track_running_stats=False is not supported"
+            )
         self._r_max = _resolve(name, "r_max", r_max)
         self._d_max = _resolve(name, "d_max", d_max)
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, **kwargs)
