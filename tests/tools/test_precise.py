@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_close, np64
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import bnorm
@@ -164,3 +166,30 @@ def test_errors_and_starved_layers():
         bnorm.precise_bn(model, [torch.randn(3, 2) + 5])
     assert torch.equal(model.unused.running_mean, torch.zeros(2))
     assert model.used.running_mean.min() > 3
+
+
+@given(
+    sizes=st.lists(st.integers(2, 6), min_size=1, max_size=4),  # training batches: N >= 2
+    spatial=st.sampled_from([(), (3,), (2, 2)]),
+    offset=st.sampled_from([0.0, 1e4]),
+)
+def test_hypothesis_merged_statistics_equal_direct_ones(sizes, spatial, offset):
+    layer = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[len(spatial)]
+    bn = layer(2, dtype=torch.float64)
+    batches = [torch.randn(n, 2, *spatial, dtype=torch.float64) * (i + 1) + offset * i
+               for i, n in enumerate(sizes)]  # fmt: skip
+    bnorm.precise_bn(bn, batches)
+    mean, var = _channel_stats([np64(b) for b in batches])
+    assert_close(bn.running_mean, mean, atol=1e-9, rtol=1e-12)
+    assert_close(bn.running_var, var, atol=1e-9, rtol=1e-9)
+
+
+def test_state_is_restored_when_a_batch_fails():
+    model = _model().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        bnorm.precise_bn(model, [torch.randn(6, 2, 4, 4), torch.randn(6, 5)])  # 2nd: bad shape
+    assert not any(m.training for m in model.modules())
+    assert [m.momentum for m in _bn_layers(model)] == [0.1, None, 0.1, 0.1, 0.1]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

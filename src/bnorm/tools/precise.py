@@ -112,7 +112,10 @@ def precise_bn(
     Args:
         model: the model, changed in place and returned.
         batches: an iterable of inputs: tensors, or tuples/lists whose first element is the
-            input (e.g. a DataLoader yielding ``(x, y)``). Each is passed as ``model(x)``.
+            input (e.g. a DataLoader yielding ``(x, y)``). Each is passed as ``model(x)`` in
+            training mode, so each must be a valid training batch (more than one value per
+            channel at every layer). If a batch raises, the model is restored and the error
+            propagates.
         num_batches: use at most this many batches (default: all).
 
     Returns:
