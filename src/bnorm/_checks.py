@@ -17,6 +17,7 @@ from .errors import BatchNormDtypeError, BatchNormShapeError
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 NONFINITE_POLICIES = ("warn", "raise")
+SMALL_BATCH_POLICIES = ("error", "running")
 
 
 def shape_text(x: Tensor) -> str:
@@ -90,7 +91,11 @@ def check_batch_size(layer: str, x: Tensor) -> None:
         raise ValueError(
             f"{layer}: Expected more than 1 value per channel when training, got input size "
             f"{shape_text(x)}. The variance of a single value is undefined: train with 2 or more "
-            f"values per channel, or normalize with the running statistics (layer.eval())."
+            f"values per channel, or normalize with the running statistics (layer.eval()). "
+            f"Remedies in bnorm: small_batch='running' on bnorm.BatchNorm1d/2d/3d (running "
+            f"statistics for such batches, no update), bnorm.freeze(model) "
+            f"(FrozenBatchNorm), or a layer without batch statistics (torch.nn.GroupNorm, "
+            f"torch.nn.LayerNorm)."
         )
 
 
@@ -98,5 +103,13 @@ def check_nonfinite_policy(layer: str, policy: str) -> str:
     if policy not in NONFINITE_POLICIES:
         raise ValueError(
             f"{layer}: on_nonfinite must be one of {NONFINITE_POLICIES}, got {policy!r}"
+        )
+    return policy
+
+
+def check_small_batch_policy(layer: str, policy: str) -> str:
+    if policy not in SMALL_BATCH_POLICIES:
+        raise ValueError(
+            f"{layer}: small_batch must be one of {SMALL_BATCH_POLICIES}, got {policy!r}"
         )
     return policy

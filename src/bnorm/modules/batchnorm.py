@@ -57,6 +57,11 @@ _COMMON_DOC = r"""
         bias: with ``affine``, whether to learn ``bias`` (keyword only).
         on_nonfinite: ``"warn"`` or ``"raise"`` for a training batch holding NaN/Inf
             (keyword only; not part of the state_dict).
+        small_batch: what a training batch with one value per channel does (keyword only; not
+            part of the state_dict). ``"error"`` (default) raises torch's error, naming the
+            remedies; ``"running"`` normalizes it with the running statistics and leaves them
+            (and ``num_batches_tracked``) unchanged, e.g. for online learning with batches of
+            one. Without running statistics (``track_running_stats=False``) it always raises.
 """
 
 
@@ -72,7 +77,7 @@ class _BatchNormBase:
 
     # Attributes torch's class does not have, with their defaults; bnorm.convert() sets them
     # when it turns a torch layer into a bnorm one.
-    _bnorm_defaults: ClassVar[dict[str, object]] = {"on_nonfinite": "warn"}
+    _bnorm_defaults: ClassVar[dict[str, object]] = {"on_nonfinite": "warn", "small_batch": "error"}
 
     num_features: int
     eps: float
@@ -98,6 +103,7 @@ class _BatchNormBase:
         *,
         bias: bool = True,
         on_nonfinite: str = "warn",
+        small_batch: str = "error",
     ) -> None:
         # torch added the `bias` argument only recently; dropping the parameter here gives the
         # same module (and state_dict) on every torch version bnorm supports.
@@ -107,6 +113,7 @@ class _BatchNormBase:
         if affine and not bias:
             self.register_parameter("bias", None)  # type: ignore[attr-defined]
         self.on_nonfinite = _checks.check_nonfinite_policy(self._layer_name(), on_nonfinite)
+        self.small_batch = _checks.check_small_batch_policy(self._layer_name(), small_batch)
 
     def _layer_name(self) -> str:
         return f"{type(self).__name__}({self.num_features})"
@@ -135,14 +142,28 @@ class _BatchNormBase:
         if use_batch_stats:
             _checks.check_batch_size(name, input)
 
+    def _uses_running_stats_for(self, input: Tensor) -> bool:
+        """The batch-of-one policy: with ``small_batch="running"``, a training batch holding one
+        value per channel is normalized with the running statistics, which it does not update
+        (its variance is undefined, so there is nothing to learn from it)."""
+        return (
+            self.training
+            and getattr(self, "small_batch", "error") == "running"  # old pickles lack it
+            and self.running_mean is not None
+            and isinstance(input, Tensor)
+            and input.dim() >= 2
+            and input.numel() == input.shape[1]
+        )
+
     def forward(self, input: Tensor) -> Tensor:
-        use_batch_stats = self.training or self.running_mean is None
+        fallback = self._uses_running_stats_for(input)
+        use_batch_stats = (self.training or self.running_mean is None) and not fallback
         self._check_input(input, use_batch_stats)
-        update = self.training and self.track_running_stats
+        update = self.training and self.track_running_stats and not fallback
         return batch_norm_unchecked(
             input,
-            self.running_mean if update or not self.training else None,
-            self.running_var if update or not self.training else None,
+            self.running_mean if update or not use_batch_stats else None,
+            self.running_var if update or not use_batch_stats else None,
             self.weight,
             self.bias,
             use_batch_stats=use_batch_stats,
@@ -157,6 +178,8 @@ class _BatchNormBase:
         text = super().extra_repr()  # type: ignore[misc]
         if self.on_nonfinite != "warn":
             text += f", on_nonfinite={self.on_nonfinite!r}"
+        if getattr(self, "small_batch", "error") != "error":
+            text += f", small_batch={self.small_batch!r}"
         return text
 
 

@@ -1,3 +1,6 @@
 """Tools that work on whole models: conversion between torch's and bnorm's layers."""
 
 from .convert import convert as convert
+from .freeze import freeze as freeze
+from .freeze import unfreeze as unfreeze
+from .precise import precise_bn as precise_bn

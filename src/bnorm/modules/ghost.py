@@ -1,0 +1,229 @@
+r"""Ghost Batch Normalization (Hoffer, Hubara, Soudry 2017): batch norm over small virtual batches.
+
+In training, the batch is cut along dim 0 into consecutive chunks of ``virtual_batch_size``
+samples (the last may be smaller), and each chunk :math:`k` is normalized with its own statistics,
+
+.. math::
+
+    y = \gamma\,\frac{x - \mu_k}{\sqrt{\sigma^2_k + \epsilon}} + \beta
+    \quad\text{for } x \text{ in chunk } k,
+
+so a large batch keeps the noise (and the generalization) of small ones. The running statistics
+move once per forward, towards the mean of the chunks' means and the mean of the chunks'
+unbiased variances. With ``virtual_batch_size`` >= the batch, it is batch norm.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._remedies_common import values_per_channel
+from ..errors import NonFiniteBatchError, NonFiniteBatchWarning
+from ..functional import _BatchNormFunction, batch_norm_unchecked
+from ..kernels import as_supported_layout, select_backend
+from .batchnorm import _BatchNormBase
+
+__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm"]
+
+
+def check_virtual_batches(layer: str, x: Tensor, virtual_batch_size: int) -> None:
+    """Every virtual batch needs more than one value per channel (its variance is undefined)."""
+    n = x.shape[0]
+    if n == 0:
+        return
+    last = n - (n - 1) // virtual_batch_size * virtual_batch_size
+    per_sample = values_per_channel(x) // n
+    if min(last, virtual_batch_size) * per_sample == 1:
+        raise ValueError(
+            f"{layer}: Expected more than 1 value per channel in every virtual batch when "
+            f"training; a batch of {n} cut into virtual batches of {virtual_batch_size} leaves "
+            f"one of a single value per channel (input shape {tuple(x.shape)}). Use a batch "
+            f"size that is not 1 more than a multiple of {virtual_batch_size}, or another "
+            f"virtual_batch_size."
+        )
+
+
+def ghost_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    virtual_batch_size: int,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None = None,
+    on_nonfinite: str = "warn",
+    layer: str = "ghost_batch_norm",
+) -> Tensor:
+    r"""Training-mode ghost batch norm of a checked input ``x`` (N, C, \*) (see the module
+    docstring). ``running_mean``/``running_var`` (or ``None``) are updated in place once."""
+    if x.shape[0] <= virtual_batch_size or values_per_channel(x) == 0:
+        # One virtual batch: exactly batch norm (the mean of one chunk's statistics is its own).
+        return batch_norm_unchecked(
+            x, running_mean, running_var, weight, bias, use_batch_stats=True,
+            momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
+            on_nonfinite=on_nonfinite, layer=layer,
+        )  # fmt: skip
+    x = as_supported_layout(x)
+    backend = select_backend(x)
+    grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    outputs, means, unbiased = [], [], []
+    for chunk in x.split(virtual_batch_size, dim=0):
+        chunk = as_supported_layout(chunk)
+        with torch.no_grad():
+            mean, var = backend.statistics(chunk.detach())
+        invstd = torch.rsqrt(var + eps)
+        count = values_per_channel(chunk)
+        means.append(mean)
+        unbiased.append(var * (count / (count - 1)))
+        if grad:  # one autograd node per chunk: γ and β collect their gradients from all
+            outputs.append(
+                _BatchNormFunction.apply(chunk, weight, bias, mean, invstd, True, eps, backend)
+            )
+        else:
+            outputs.append(backend.transform(chunk, mean, invstd, weight, bias))
+    if running_mean is not None and running_var is not None:
+        update_running_unbiased(
+            running_mean,
+            running_var,
+            torch.stack(means).mean(0),
+            torch.stack(unbiased).mean(0),
+            momentum,
+            num_batches_tracked,
+            on_nonfinite,
+            layer,
+        )
+    return torch.cat(outputs, dim=0)
+
+
+def update_running_unbiased(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    unbiased_var: Tensor,
+    momentum: float | None,
+    num_batches_tracked: Tensor | None,
+    on_nonfinite: str,
+    layer: str,
+) -> None:
+    """``running <- (1 - rate) * running + rate * new`` (rate = momentum, or 1/t when None) for
+    an already unbiased variance; a non-finite update is skipped with a warning (or raised),
+    as in :func:`bnorm.functional.update_running_stats`."""
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(unbiased_var).all()):
+        message = (
+            f"{layer}: the training batch holds NaN or Inf; running_mean, running_var and "
+            f"num_batches_tracked were left unchanged (torch would have overwritten them)"
+        )
+        if on_nonfinite == "raise":
+            raise NonFiniteBatchError(message)
+        warnings.warn(message, NonFiniteBatchWarning, stacklevel=4)
+        return
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError(
+                f"{layer}: momentum=None (cumulative average) needs num_batches_tracked"
+            )
+        rate = 1.0 / (int(num_batches_tracked) + 1)
+    else:
+        rate = float(momentum)
+    with torch.no_grad():
+        running_mean.copy_((1 - rate) * running_mean.to(torch.float64) + rate * mean)
+        running_var.copy_((1 - rate) * running_var.to(torch.float64) + rate * unbiased_var)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+
+
+_GHOST_DOC = r"""
+
+    Training: consecutive chunks of ``virtual_batch_size`` samples (dim 0; the last may be
+    smaller) are each normalized with their own mean and biased variance,
+    ``y = γ·(x − μ_k)/sqrt(σ²_k + eps) + β``. The running statistics move once per forward
+    (``momentum`` is PyTorch's update rate, ``None`` the cumulative average) towards the mean
+    of the chunks' means and the mean of the chunks' unbiased variances. With
+    ``virtual_batch_size`` >= N it is batch norm exactly. Evaluation is batch norm's (running
+    statistics); with ``track_running_stats=False`` the chunks' statistics are used in both
+    modes. ``state_dict`` keys are ``BatchNormXd``'s (``virtual_batch_size`` is a constructor
+    argument, not state) and ``isinstance(layer, torch.nn.BatchNormXd)`` holds.
+
+    A training batch that would leave a virtual batch with a single value per channel (e.g.
+    N = 9 with ``virtual_batch_size=4`` on (N, C) input) raises, before any state changes.
+
+    Args:
+        num_features: the number of channels ``C``.
+        virtual_batch_size: samples per virtual batch, >= 1.
+        eps, momentum, affine, track_running_stats, device, dtype: as :class:`bnorm.BatchNorm2d`.
+        bias, on_nonfinite, small_batch: as :class:`bnorm.BatchNorm2d` (keyword only).
+"""
+
+
+class _GhostBatchNormBase(_BatchNormBase):
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int):
+            raise TypeError(
+                f"{type(self).__name__}({num_features}): virtual_batch_size must be an int, "
+                f"got {type(virtual_batch_size).__name__}"
+            )
+        if virtual_batch_size < 1:
+            raise ValueError(
+                f"{type(self).__name__}({num_features}): virtual_batch_size must be >= 1, "
+                f"got {virtual_batch_size}"
+            )
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
+        )
+        self.virtual_batch_size = virtual_batch_size
+
+    def forward(self, input: Tensor) -> Tensor:
+        use_batch_stats = self.training or self.running_mean is None
+        if not use_batch_stats or self._uses_running_stats_for(input):
+            return super().forward(input)
+        self._check_input(input, True)
+        check_virtual_batches(self._layer_name(), input, self.virtual_batch_size)
+        update = self.training and self.track_running_stats
+        return ghost_batch_norm(
+            input,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.weight,
+            self.bias,
+            virtual_batch_size=self.virtual_batch_size,
+            momentum=self.momentum,
+            eps=self.eps,
+            num_batches_tracked=self.num_batches_tracked if update else None,
+            on_nonfinite=self.on_nonfinite,
+            layer=self._layer_name(),
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+
+class GhostBatchNorm1d(_GhostBatchNormBase, torch.nn.BatchNorm1d):
+    __doc__ = "Ghost batch norm over (N, C) or (N, C, L) input." + _GHOST_DOC
+    _ranks = (2, 3)
+    _layout = "(N, C) or (N, C, L)"
+
+
+class GhostBatchNorm2d(_GhostBatchNormBase, torch.nn.BatchNorm2d):
+    __doc__ = "Ghost batch norm over (N, C, H, W) input (channels_last kept)." + _GHOST_DOC
+    _ranks = (4,)
+    _layout = "(N, C, H, W)"
