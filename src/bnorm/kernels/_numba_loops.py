@@ -204,3 +204,103 @@ def input_grad(dy, x, k, ga, gb, gc, dx, nchunks):  # pragma: no cover - compile
         for r in prange(A * C):
             a = r // C
             _grad_run(dy, x, k, ga, gb, gc, dx, a, r - a * C)
+
+
+# --- fused steps: one call per forward or backward, per-channel math included ----------------
+# Optional per-channel arrays (weight, bias, running statistics, the batch counter) come as
+# length-0 arrays when absent: one compiled signature serves every combination. These run
+# serially themselves and call the parallel loops above for the passes over the data.
+
+
+@njit(**_OPTS)
+def train_forward(x, w, b, rm, rv, nbt, momentum, cumulative, eps, y, nchunks):  # pragma: no cover
+    """Batch statistics, the running-statistics update and ``y``, in one call.
+
+    Returns ``(mean, invstd, finite)`` (float64, float64, bool). ``cumulative`` is PyTorch's
+    ``momentum=None``: the rate is ``1 / (nbt + 1)``. A non-finite batch leaves ``rm``, ``rv`` and
+    ``nbt`` untouched (the caller warns or raises) and still produces ``y``.
+    """
+    A, C, B = x.shape
+    n = A * B
+    k = np.empty(C)
+    for c in range(C):
+        k[c] = x[0, c, 0]
+    s1, s2 = shifted_sums(x, k, nchunks)
+    mean = np.empty(C)
+    var = np.empty(C)
+    finite = True
+    for c in range(C):
+        d = s1[c] / n
+        mean[c] = k[c] + d
+        var[c] = max(s2[c] / n - d * d, 0.0)
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
+            finite = False
+    if finite and rm.size > 0:
+        rate = 1.0 / (nbt[0] + 1) if cumulative and nbt.size > 0 else momentum
+        unbias = n / (n - 1)
+        for c in range(C):
+            rm[c] = (1.0 - rate) * np.float64(rm[c]) + rate * mean[c]
+            rv[c] = (1.0 - rate) * np.float64(rv[c]) + rate * var[c] * unbias
+        if nbt.size > 0:
+            nbt[0] += 1
+    invstd = 1.0 / np.sqrt(var + eps)
+    _affine_from_stats(x, mean, invstd, w, b, y, nchunks)
+    return mean, invstd, finite
+
+
+@njit(**_OPTS)
+def _coefficients(x, mean, invstd, w, b):  # pragma: no cover - compiled
+    # y = (x - k) * s + o with k = mean in x's dtype: the large part of x - mean is exact
+    C = x.shape[1]
+    k = np.empty(C, x.dtype)
+    s = np.empty(C, x.dtype)
+    o = np.empty(C, x.dtype)
+    for c in range(C):
+        k[c] = mean[c]
+        scale = invstd[c] * (np.float64(w[c]) if w.size > 0 else 1.0)
+        s[c] = scale
+        o[c] = (np.float64(b[c]) if b.size > 0 else 0.0) - (mean[c] - np.float64(k[c])) * scale
+    return k, s, o
+
+
+@njit(**_OPTS)
+def _affine_from_stats(x, mean, invstd, w, b, y, nchunks):  # pragma: no cover - compiled
+    k, s, o = _coefficients(x, mean, invstd, w, b)
+    shifted_affine(x, k, s, o, y, nchunks)
+
+
+@njit(**_OPTS)
+def eval_forward(x, rm, rv, w, b, eps, y, nchunks):  # pragma: no cover - compiled
+    """``y = (x - rm) / sqrt(rv + eps) * w + b`` in one call (evaluation mode)."""
+    C = x.shape[1]
+    mean = np.empty(C)
+    invstd = np.empty(C)
+    for c in range(C):
+        mean[c] = rm[c]
+        invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
+    _affine_from_stats(x, mean, invstd, w, b, y, nchunks)
+
+
+@njit(**_OPTS)
+def train_backward(dy, x, mean, invstd, w, dx, nchunks):  # pragma: no cover - compiled
+    """Both backward reductions and (if ``dx.size``) the input gradient, in one call.
+
+    Returns ``(sum_dy, sum_dy_xmu)`` in float64.
+    """
+    A, C, B = x.shape
+    n = A * B
+    sum_dy, sum_dy_xmu = grad_sums(dy, x, mean, nchunks)
+    if dx.size > 0:
+        k = np.empty(C, x.dtype)
+        ga = np.empty(C, x.dtype)
+        gb = np.empty(C, x.dtype)
+        gc = np.empty(C, x.dtype)
+        for c in range(C):
+            k[c] = mean[c]
+            a = (np.float64(w[c]) if w.size > 0 else 1.0) * invstd[c]
+            bb = -a * invstd[c] * invstd[c] * sum_dy_xmu[c] / n
+            ga[c] = a
+            gb[c] = bb
+            gc[c] = -a * sum_dy[c] / n - bb * (mean[c] - np.float64(k[c]))
+        input_grad(dy, x, k, ga, gb, gc, dx, nchunks)
+    return sum_dy, sum_dy_xmu

@@ -222,3 +222,134 @@ def backward_elementwise(
         _nchunks(x.numel()),
     )
     return dx if dx.dtype == x_in.dtype else dx.to(x_in.dtype)
+
+
+# --- fused steps: one compiled call per forward or backward ---------------------------------
+# bnorm.functional uses these on its hot paths (the four functions above stay the contract that
+# distributed code calls step by step). Per-channel math happens inside the compiled call, so a
+# tiny tensor pays one dispatch instead of a dozen small torch ops.
+
+
+def _per_channel(t: Tensor | None, dtype: torch.dtype) -> np.ndarray:
+    """A (C,) NumPy array of ``dtype`` (length 0 for ``None``); a view when no cast is needed."""
+    if t is None:
+        return np.empty(0, dtype=np.float32 if dtype == torch.float32 else np.float64)
+    t = t.detach()
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.to(dtype).contiguous()
+    return t.reshape(-1).numpy()
+
+
+def fused_buffers_ok(x: Tensor, *buffers: Tensor | None) -> bool:
+    """Whether running-statistics buffers can be updated in place by the fused kernels: they
+    must be contiguous CPU tensors of the compute dtype of ``x``."""
+    dtype = _compute_dtype(x)
+    return all(
+        t is None or (t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous())
+        for t in buffers
+    )
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def train_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Training forward in one compiled call: statistics, running update, normalization.
+
+    ``running_mean`` and ``running_var`` are both given (updated in place, see
+    :func:`bnorm.functional.update_running_stats`; check :func:`fused_buffers_ok` first) or
+    both ``None``; ``momentum=None`` needs ``num_batches_tracked``. Returns
+    ``(y, mean, invstd, finite)``; for a non-finite batch nothing is updated and ``finite`` is
+    False (the caller warns or raises).
+    """
+    x_in = _layout(x)
+    x = _compute(x_in)
+    cl = _is_channels_last(x)
+    dt = x.dtype
+    y = _empty(x, dt)
+    nbt = (
+        num_batches_tracked.detach().reshape(1).numpy()
+        if num_batches_tracked is not None and running_mean is not None
+        else np.empty(0, dtype=np.int64)
+    )
+    mean, invstd, finite = loops.train_forward(
+        _view3(x, cl),
+        _per_channel(weight, dt),
+        _per_channel(bias, dt),
+        _per_channel(running_mean, dt),
+        _per_channel(running_var, dt),
+        nbt,
+        0.0 if momentum is None else float(momentum),
+        momentum is None,
+        float(eps),
+        _view3(y, cl),
+        _nchunks(x.numel()),
+    )
+    if y.dtype != x_in.dtype:
+        y = y.to(x_in.dtype)
+    return y, torch.from_numpy(mean), torch.from_numpy(invstd), bool(finite)
+
+
+def eval_forward(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``: one fused pass."""
+    x_in = _layout(x)
+    x = _compute(x_in)
+    cl = _is_channels_last(x)
+    dt = x.dtype
+    y = _empty(x, dt)
+    loops.eval_forward(
+        _view3(x, cl),
+        _per_channel(running_mean, torch.float64),
+        _per_channel(running_var, torch.float64),
+        _per_channel(weight, dt),
+        _per_channel(bias, dt),
+        float(eps),
+        _view3(y, cl),
+        _nchunks(x.numel()),
+    )
+    return y if y.dtype == x_in.dtype else y.to(x_in.dtype)
+
+
+def train_backward(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need_dx: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Backward of training-mode batch norm in one compiled call.
+
+    Returns ``(dx or None, sum_dy, sum_dy_xmu)``: ``dweight = sum_dy_xmu * invstd`` and
+    ``dbias = sum_dy``, and ``dx`` as in :func:`backward_elementwise`.
+    """
+    x_in = _layout(x)
+    x = _compute(x_in)
+    cl = _is_channels_last(x)
+    dy = _compute(_like(dy, x))
+    dt = x.dtype
+    dx = _empty(x, dt) if need_dx else torch.empty(0, dtype=dt)
+    sum_dy, sum_dy_xmu = loops.train_backward(
+        _view3(dy, cl),
+        _view3(x, cl),
+        _per_channel(mean, torch.float64),
+        _per_channel(invstd, torch.float64),
+        _per_channel(weight, dt),
+        _view3(dx, cl) if need_dx else np.empty((0, 0, 0), dtype=_view3(x, cl).dtype),
+        _nchunks(x.numel()),
+    )
+    if need_dx and dx.dtype != x_in.dtype:
+        dx = dx.to(x_in.dtype)
+    return (dx if need_dx else None), torch.from_numpy(sum_dy), torch.from_numpy(sum_dy_xmu)
