@@ -23,9 +23,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, kernels
 from .errors import NonFiniteBatchError, NonFiniteBatchWarning
-from . import kernels
 from .kernels import Backend, as_supported_layout, select_backend
 
 __all__ = ["batch_norm"]

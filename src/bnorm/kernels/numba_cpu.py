@@ -88,19 +88,17 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 
 
 def _empty(x: Tensor, dtype: torch.dtype) -> Tensor:
-    if _is_channels_last(x):
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        return torch.empty(x.shape, dtype=dtype, memory_format=fmt)
-    return torch.empty(x.shape, dtype=dtype)
+    # empty_like keeps the strides of a dense tensor, so the output is viewed like the input
+    return torch.empty_like(x, dtype=dtype)
 
 
 def _view3(t: Tensor, channels_last: bool) -> np.ndarray:
     """The (A, C, B) C-contiguous NumPy view of ``t`` the loops take (see _numba_loops)."""
-    c = t.shape[1]
+    a = t.detach().numpy()  # NumPy reshapes are cheaper than torch's for this glue
     if channels_last:
-        t = t.permute(0, *range(2, t.dim()), 1)  # (N, *, C), contiguous
-        return t.detach().reshape(-1, c, 1).numpy()
-    return t.detach().reshape(t.shape[0], c, -1).numpy()
+        a = a.transpose(0, *range(2, a.ndim), 1)  # (N, *, C): C-contiguous for channels_last
+        return a.reshape(-1, a.shape[-1], 1)
+    return a.reshape(a.shape[0], a.shape[1], -1)
 
 
 def _compute(x: Tensor) -> Tensor:
@@ -234,10 +232,9 @@ def _per_channel(t: Tensor | None, dtype: torch.dtype) -> np.ndarray:
     """A (C,) NumPy array of ``dtype`` (length 0 for ``None``); a view when no cast is needed."""
     if t is None:
         return np.empty(0, dtype=np.float32 if dtype == torch.float32 else np.float64)
-    t = t.detach()
-    if t.dtype != dtype or not t.is_contiguous():
-        t = t.to(dtype).contiguous()
-    return t.reshape(-1).numpy()
+    if t.dtype == dtype and t.dim() == 1 and t.is_contiguous():
+        return t.detach().numpy()
+    return t.detach().to(dtype).contiguous().reshape(-1).numpy()
 
 
 def fused_buffers_ok(x: Tensor, *buffers: Tensor | None) -> bool:
@@ -316,8 +313,8 @@ def eval_forward(
     y = _empty(x, dt)
     loops.eval_forward(
         _view3(x, cl),
-        _per_channel(running_mean, torch.float64),
-        _per_channel(running_var, torch.float64),
+        _per_channel(running_mean, dt),
+        _per_channel(running_var, dt),
         _per_channel(weight, dt),
         _per_channel(bias, dt),
         float(eps),
