@@ -6,6 +6,7 @@ Public API (everything else is private):
 - functions: :mod:`bnorm.functional` (``batch_norm``)
 - the NumPy float64 specification: :mod:`bnorm.reference`
 - tools: :func:`convert`
+- tools: :func:`fold` (batch norm merged into the preceding layer for inference)
 - errors and warnings: :mod:`bnorm.errors`
 """
 
@@ -18,5 +19,6 @@ from .modules import BatchNorm1d as BatchNorm1d
 from .modules import BatchNorm2d as BatchNorm2d
 from .modules import BatchNorm3d as BatchNorm3d
 from .tools import convert as convert
+from .tools import fold as fold
 
 __version__ = "0.1.0"

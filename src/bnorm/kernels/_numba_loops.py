@@ -55,8 +55,8 @@ def _sums_run(x, a, c, k):  # pragma: no cover - compiled
     return t1, t2
 
 
-@njit(parallel=True, **_OPTS)
-def shifted_sums(x, k, nchunks):  # pragma: no cover - compiled
+@njit(inline="always", **_OPTS)
+def _shifted_sums(x, k, nchunks):  # pragma: no cover - compiled
     """Per-channel ``(sum(x - k), sum((x - k)^2))`` in float64; ``k`` is float64 (C,)."""
     A, C, B = x.shape
     if B == 1:
@@ -105,8 +105,8 @@ def _dot_run(dy, x, a, c, k):  # pragma: no cover - compiled
     return t1, t2
 
 
-@njit(parallel=True, **_OPTS)
-def grad_sums(dy, x, k, nchunks):  # pragma: no cover - compiled
+@njit(inline="always", **_OPTS)
+def _grad_sums(dy, x, k, nchunks):  # pragma: no cover - compiled
     """Per-channel ``(sum(dy), sum(dy * (x - k)))`` in float64; ``k`` is float64 (C,)."""
     A, C, B = x.shape
     if B == 1:
@@ -150,8 +150,8 @@ def _affine_run(x, k, s, o, y, a, c):  # pragma: no cover - compiled
         y[a, c, i] = (x[a, c, i] - kc) * sc + oc
 
 
-@njit(parallel=True, **_OPTS)
-def shifted_affine(x, k, s, o, y, nchunks):  # pragma: no cover - compiled
+@njit(inline="always", **_OPTS)
+def _shifted_affine(x, k, s, o, y, nchunks):  # pragma: no cover - compiled
     """``y = (x - k) * s + o`` per channel, in x's dtype (k, s, o of x's dtype, shape (C,))."""
     A, C, B = x.shape
     if B == 1:
@@ -187,8 +187,8 @@ def _grad_run(dy, x, k, ga, gb, gc, dx, a, c):  # pragma: no cover - compiled
         dx[a, c, i] = ac * dy[a, c, i] + bc * (x[a, c, i] - kc) + cc
 
 
-@njit(parallel=True, **_OPTS)
-def input_grad(dy, x, k, ga, gb, gc, dx, nchunks):  # pragma: no cover - compiled
+@njit(inline="always", **_OPTS)
+def _input_grad(dy, x, k, ga, gb, gc, dx, nchunks):  # pragma: no cover - compiled
     """``dx = ga * dy + gb * (x - k) + gc`` per channel, in x's dtype."""
     A, C, B = x.shape
     if B == 1:
@@ -206,13 +206,42 @@ def input_grad(dy, x, k, ga, gb, gc, dx, nchunks):  # pragma: no cover - compile
             _grad_run(dy, x, k, ga, gb, gc, dx, a, r - a * C)
 
 
+# --- entry points ------------------------------------------------------------------------------
+# The parallel loops above are inlined (``inline="always"``) into each entry point, so no
+# cached function calls another parallel one: numba can segfault when a cached caller loads
+# a parallel callee from its cache (numba issues #4807, #8578).
+
+
+@njit(parallel=True, **_OPTS)
+def shifted_sums(x, k, nchunks):  # pragma: no cover - compiled
+    """Per-channel ``(sum(x - k), sum((x - k)^2))`` in float64; ``k`` is float64 (C,)."""
+    return _shifted_sums(x, k, nchunks)
+
+
+@njit(parallel=True, **_OPTS)
+def grad_sums(dy, x, k, nchunks):  # pragma: no cover - compiled
+    """Per-channel ``(sum(dy), sum(dy * (x - k)))`` in float64; ``k`` is float64 (C,)."""
+    return _grad_sums(dy, x, k, nchunks)
+
+
+@njit(parallel=True, **_OPTS)
+def shifted_affine(x, k, s, o, y, nchunks):  # pragma: no cover - compiled
+    """``y = (x - k) * s + o`` per channel, in x's dtype (k, s, o of x's dtype, shape (C,))."""
+    _shifted_affine(x, k, s, o, y, nchunks)
+
+
+@njit(parallel=True, **_OPTS)
+def input_grad(dy, x, k, ga, gb, gc, dx, nchunks):  # pragma: no cover - compiled
+    """``dx = ga * dy + gb * (x - k) + gc`` per channel, in x's dtype."""
+    _input_grad(dy, x, k, ga, gb, gc, dx, nchunks)
+
+
 # --- fused steps: one call per forward or backward, per-channel math included ----------------
 # Optional per-channel arrays (weight, bias, running statistics, the batch counter) come as
-# length-0 arrays when absent: one compiled signature serves every combination. These run
-# serially themselves and call the parallel loops above for the passes over the data.
+# length-0 arrays when absent: one compiled signature serves every combination.
 
 
-@njit(**_OPTS)
+@njit(parallel=True, **_OPTS)
 def train_forward(x, w, b, rm, rv, nbt, momentum, cumulative, eps, y, nchunks):  # pragma: no cover
     """Batch statistics, the running-statistics update and ``y``, in one call.
 
@@ -225,7 +254,7 @@ def train_forward(x, w, b, rm, rv, nbt, momentum, cumulative, eps, y, nchunks): 
     k = np.empty(C)
     for c in range(C):
         k[c] = x[0, c, 0]
-    s1, s2 = shifted_sums(x, k, nchunks)
+    s1, s2 = _shifted_sums(x, k, nchunks)
     mean = np.empty(C)
     var = np.empty(C)
     finite = True
@@ -263,13 +292,13 @@ def _coefficients(x, mean, invstd, w, b):  # pragma: no cover - compiled
     return k, s, o
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _affine_from_stats(x, mean, invstd, w, b, y, nchunks):  # pragma: no cover - compiled
     k, s, o = _coefficients(x, mean, invstd, w, b)
-    shifted_affine(x, k, s, o, y, nchunks)
+    _shifted_affine(x, k, s, o, y, nchunks)
 
 
-@njit(**_OPTS)
+@njit(parallel=True, **_OPTS)
 def eval_forward(x, rm, rv, w, b, eps, y, nchunks):  # pragma: no cover - compiled
     """``y = (x - rm) / sqrt(rv + eps) * w + b`` in one call (evaluation mode)."""
     C = x.shape[1]
@@ -281,7 +310,7 @@ def eval_forward(x, rm, rv, w, b, eps, y, nchunks):  # pragma: no cover - compil
     _affine_from_stats(x, mean, invstd, w, b, y, nchunks)
 
 
-@njit(**_OPTS)
+@njit(parallel=True, **_OPTS)
 def train_backward(dy, x, mean, invstd, w, dx, nchunks):  # pragma: no cover - compiled
     """Both backward reductions and (if ``dx.size``) the input gradient, in one call.
 
@@ -289,7 +318,7 @@ def train_backward(dy, x, mean, invstd, w, dx, nchunks):  # pragma: no cover - c
     """
     A, C, B = x.shape
     n = A * B
-    sum_dy, sum_dy_xmu = grad_sums(dy, x, mean, nchunks)
+    sum_dy, sum_dy_xmu = _grad_sums(dy, x, mean, nchunks)
     if dx.size > 0:
         k = np.empty(C, x.dtype)
         ga = np.empty(C, x.dtype)
@@ -302,5 +331,5 @@ def train_backward(dy, x, mean, invstd, w, dx, nchunks):  # pragma: no cover - c
             ga[c] = a
             gb[c] = bb
             gc[c] = -a * sum_dy[c] / n - bb * (mean[c] - np.float64(k[c]))
-        input_grad(dy, x, k, ga, gb, gc, dx, nchunks)
+        _input_grad(dy, x, k, ga, gb, gc, dx, nchunks)
     return sum_dy, sum_dy_xmu
