@@ -10,7 +10,7 @@ Every loop sees its tensor as a C-contiguous 3D array ``(A, C, B)``:
 
 One compiled function serves both shapes, so each kernel compiles once per dtype (float32 and
 float64), lazily, on first use; ``cache=True`` keeps the machine code on disk for later
-processes. ``nchunks == 1`` takes a plain serial loop (no thread launch) for small tensors.
+processes. Small tensors run with ``nchunks == 1`` on a pool of one thread.
 
 Accumulation: sums are of ``x - k`` (``k`` one value per channel, near the data) in float64,
 per thread, and merged by adding the per-thread partial sums: with a common shift the partial
@@ -55,32 +55,41 @@ def _sums_run(x, a, c, k):  # pragma: no cover - compiled
     return t1, t2
 
 
+@njit(**_OPTS)
+def _merge(p1, p2):  # pragma: no cover - compiled
+    # add the per-thread (or per-row) partial sums: same shift, so a plain sum merges them
+    n, C = p1.shape
+    s1 = np.zeros(C)
+    s2 = np.zeros(C)
+    for t in range(n):
+        for c in range(C):
+            s1[c] += p1[t, c]
+            s2[c] += p2[t, c]
+    return s1, s2
+
+
 @njit(inline="always", **_OPTS)
 def _shifted_sums(x, k, nchunks):  # pragma: no cover - compiled
     """Per-channel ``(sum(x - k), sum((x - k)^2))`` in float64; ``k`` is float64 (C,)."""
     A, C, B = x.shape
     if B == 1:
-        p1 = np.zeros((nchunks, C))
-        p2 = np.zeros((nchunks, C))
-        if nchunks == 1:
-            _sums_rows(x, k, 0, A, p1[0], p2[0])
-        else:
-            for t in prange(nchunks):
-                _sums_rows(x, k, A * t // nchunks, A * (t + 1) // nchunks, p1[t], p2[t])
-        return p1.sum(axis=0), p2.sum(axis=0)
+        p1 = np.empty((nchunks, C))
+        p2 = np.empty((nchunks, C))
+        for t in prange(nchunks):
+            for c in range(C):
+                p1[t, c] = 0.0
+                p2[t, c] = 0.0
+            _sums_rows(x, k, A * t // nchunks, A * (t + 1) // nchunks, p1[t], p2[t])
+        return _merge(p1, p2)
     r1 = np.empty((A, C))
     r2 = np.empty((A, C))
-    if nchunks == 1:
-        for r in range(A * C):
-            r1[r // C, r % C], r2[r // C, r % C] = _sums_run(x, r // C, r % C, k)
-    else:
-        for r in prange(A * C):
-            a = r // C
-            c = r - a * C
-            t1, t2 = _sums_run(x, a, c, k)
-            r1[a, c] = t1
-            r2[a, c] = t2
-    return r1.sum(axis=0), r2.sum(axis=0)
+    for r in prange(A * C):
+        a = r // C
+        c = r - a * C
+        t1, t2 = _sums_run(x, a, c, k)
+        r1[a, c] = t1
+        r2[a, c] = t2
+    return _merge(r1, r2)
 
 
 @njit(**_OPTS)
@@ -110,27 +119,23 @@ def _grad_sums(dy, x, k, nchunks):  # pragma: no cover - compiled
     """Per-channel ``(sum(dy), sum(dy * (x - k)))`` in float64; ``k`` is float64 (C,)."""
     A, C, B = x.shape
     if B == 1:
-        p1 = np.zeros((nchunks, C))
-        p2 = np.zeros((nchunks, C))
-        if nchunks == 1:
-            _dot_rows(dy, x, k, 0, A, p1[0], p2[0])
-        else:
-            for t in prange(nchunks):
-                _dot_rows(dy, x, k, A * t // nchunks, A * (t + 1) // nchunks, p1[t], p2[t])
-        return p1.sum(axis=0), p2.sum(axis=0)
+        p1 = np.empty((nchunks, C))
+        p2 = np.empty((nchunks, C))
+        for t in prange(nchunks):
+            for c in range(C):
+                p1[t, c] = 0.0
+                p2[t, c] = 0.0
+            _dot_rows(dy, x, k, A * t // nchunks, A * (t + 1) // nchunks, p1[t], p2[t])
+        return _merge(p1, p2)
     r1 = np.empty((A, C))
     r2 = np.empty((A, C))
-    if nchunks == 1:
-        for r in range(A * C):
-            r1[r // C, r % C], r2[r // C, r % C] = _dot_run(dy, x, r // C, r % C, k)
-    else:
-        for r in prange(A * C):
-            a = r // C
-            c = r - a * C
-            t1, t2 = _dot_run(dy, x, a, c, k)
-            r1[a, c] = t1
-            r2[a, c] = t2
-    return r1.sum(axis=0), r2.sum(axis=0)
+    for r in prange(A * C):
+        a = r // C
+        c = r - a * C
+        t1, t2 = _dot_run(dy, x, a, c, k)
+        r1[a, c] = t1
+        r2[a, c] = t2
+    return _merge(r1, r2)
 
 
 @njit(**_OPTS)
@@ -155,14 +160,8 @@ def _shifted_affine(x, k, s, o, y, nchunks):  # pragma: no cover - compiled
     """``y = (x - k) * s + o`` per channel, in x's dtype (k, s, o of x's dtype, shape (C,))."""
     A, C, B = x.shape
     if B == 1:
-        if nchunks == 1:
-            _affine_rows(x, k, s, o, y, 0, A)
-        else:
-            for t in prange(nchunks):
-                _affine_rows(x, k, s, o, y, A * t // nchunks, A * (t + 1) // nchunks)
-    elif nchunks == 1:
-        for r in range(A * C):
-            _affine_run(x, k, s, o, y, r // C, r % C)
+        for t in prange(nchunks):
+            _affine_rows(x, k, s, o, y, A * t // nchunks, A * (t + 1) // nchunks)
     else:
         for r in prange(A * C):
             a = r // C
@@ -192,14 +191,8 @@ def _input_grad(dy, x, k, ga, gb, gc, dx, nchunks):  # pragma: no cover - compil
     """``dx = ga * dy + gb * (x - k) + gc`` per channel, in x's dtype."""
     A, C, B = x.shape
     if B == 1:
-        if nchunks == 1:
-            _grad_rows(dy, x, k, ga, gb, gc, dx, 0, A)
-        else:
-            for t in prange(nchunks):
-                _grad_rows(dy, x, k, ga, gb, gc, dx, A * t // nchunks, A * (t + 1) // nchunks)
-    elif nchunks == 1:
-        for r in range(A * C):
-            _grad_run(dy, x, k, ga, gb, gc, dx, r // C, r % C)
+        for t in prange(nchunks):
+            _grad_rows(dy, x, k, ga, gb, gc, dx, A * t // nchunks, A * (t + 1) // nchunks)
     else:
         for r in prange(A * C):
             a = r // C
@@ -272,7 +265,9 @@ def train_forward(x, w, b, rm, rv, nbt, momentum, cumulative, eps, y, nchunks): 
             rv[c] = (1.0 - rate) * np.float64(rv[c]) + rate * var[c] * unbias
         if nbt.size > 0:
             nbt[0] += 1
-    invstd = 1.0 / np.sqrt(var + eps)
+    invstd = np.empty(C)
+    for c in range(C):
+        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
     _affine_from_stats(x, mean, invstd, w, b, y, nchunks)
     return mean, invstd, finite
 

@@ -19,7 +19,7 @@ compiling bit-twiddling variants of every loop.
 
 Threads: numba's thread count follows ``torch.get_num_threads()`` (capped by numba's own pool),
 so ``torch.set_num_threads`` governs both. Tensors below :data:`PARALLEL_MIN_NUMEL` elements run
-on one thread: starting the pool costs more than they take.
+on one thread: waking the pool costs more than they take.
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ def supports(x: Tensor) -> bool:
 
 
 def _nchunks(numel: int) -> int:
-    if numel < PARALLEL_MIN_NUMEL:
-        return 1
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    """Chunks for the channel-innermost loops; also sizes numba's (thread-local) pool: one
+    thread for small tensors, torch's thread count otherwise."""
+    want = 1
+    if numel >= PARALLEL_MIN_NUMEL:
+        want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != want:
         numba.set_num_threads(want)
     return want
