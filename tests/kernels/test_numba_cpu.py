@@ -5,6 +5,9 @@ Tensors here are small; ``PARALLEL_MIN_NUMEL`` is lowered so that they still go 
 multi-threaded loops (and their uneven splits), not only the serial ones.
 """
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -213,3 +216,15 @@ def test_numba_threads_follow_torch(monkeypatch):
             assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(before)
+
+
+def test_first_use_keeps_torch_thread_count():
+    """numba's OpenMP pool, started by bnorm's first kernel, must not reset torch's threads."""
+    code = (
+        "import torch, bnorm\n"
+        "torch.set_num_threads(1)\n"
+        "bnorm.BatchNorm2d(8)(torch.randn(64, 8, 16, 16))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "1"

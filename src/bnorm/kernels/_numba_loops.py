@@ -199,6 +199,15 @@ def _input_grad(dy, x, k, ga, gb, gc, dx, nchunks):  # pragma: no cover - compil
             _grad_run(dy, x, k, ga, gb, gc, dx, a, r - a * C)
 
 
+@njit(parallel=True, **_OPTS)
+def start_pool(n):  # pragma: no cover - compiled
+    """A trivial parallel loop: its first launch starts numba's thread pool."""
+    out = np.empty(n)
+    for i in prange(n):
+        out[i] = i
+    return out
+
+
 # --- entry points ------------------------------------------------------------------------------
 # The parallel loops above are inlined (``inline="always"``) into each entry point, so no
 # cached function calls another parallel one: numba can segfault when a cached caller loads

@@ -54,9 +54,25 @@ def supports(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in _COMPILED + _WIDENED
 
 
+_pool_started = False
+
+
+def _start_pool() -> None:
+    # With numba's OpenMP threading layer, the first parallel launch sets the process-wide
+    # OpenMP thread count, which torch shares: it would silently undo the user's
+    # torch.set_num_threads. Start the pool once, on purpose, and restore torch's count.
+    global _pool_started
+    threads = torch.get_num_threads()
+    loops.start_pool(2)
+    torch.set_num_threads(threads)
+    _pool_started = True
+
+
 def _nchunks(numel: int) -> int:
     """Chunks for the channel-innermost loops; also sizes numba's (thread-local) pool: one
     thread for small tensors, torch's thread count otherwise."""
+    if not _pool_started:
+        _start_pool()
     want = 1
     if numel >= PARALLEL_MIN_NUMEL:
         want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
