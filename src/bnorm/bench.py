@@ -316,11 +316,15 @@ def _main(args: argparse.Namespace) -> int:
     if reps < 1:
         raise SystemExit("bnorm bench: --reps must be at least 1")
     cases = args.case or (QUICK_CASES if args.quick else DEFAULT_CASES)
+    load_before = _load()
     rows, folding = run(cases, reps, args.compile, progress=not args.no_progress)
+    load = f"{load_before}/{_load()}"
     version = torch.__version__.split("+")[0]
     print(
         f"\nbnorm {bnorm.__version__}, torch {torch.__version__}, {machine_kind()}, "
-        f"{torch.get_num_threads()} threads, float32, median of {reps} alternating pairs"
+        f"{torch.get_num_threads()} threads, float32, median of {reps} alternating pairs; "
+        f"1-min load average before/after: {load} (other processes skew absolute times; "
+        "threads waiting on busy cores skew multi-threaded ones most)"
     )
     print(markdown_table(rows))
     print(
@@ -330,7 +334,10 @@ def _main(args: argparse.Namespace) -> int:
         f"{folding['max_rel_error']:.1e})"
     )
     args.results_dir.mkdir(parents=True, exist_ok=True)
-    path = args.results_dir / f"{machine_kind()}-torch{version}.csv"
+    # the default run (all cores) is the results file; other thread counts are named apart
+    threads = torch.get_num_threads()
+    suffix = "" if threads == os.cpu_count() else f"-{threads}thread"
+    path = args.results_dir / f"{machine_kind()}-torch{version}{suffix}.csv"
     fields = list(dict.fromkeys(k for row in rows for k in row))
     fold_fields = ["fold_model_ms", "fold_folded_ms", "fold_speedup", "fold_max_rel_error"]
     meta = {
@@ -338,6 +345,7 @@ def _main(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "reps": reps,
+        "load_before_after": load,
     }
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*meta, *fields, *fold_fields])
@@ -351,6 +359,13 @@ def _main(args: argparse.Namespace) -> int:
         )
     print(f"CSV: {path}")
     return 0
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:  # not available on every platform
+        return "?"
 
 
 def _csv_value(v: float | str) -> float | str:
