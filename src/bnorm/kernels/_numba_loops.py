@@ -37,7 +37,7 @@ def _sums_rows(x, k, m0, m1, s1, s2):  # pragma: no cover - compiled
     C = x.shape[1]
     for m in range(m0, m1):
         for c in range(C):
-            d = np.float64(x[m, c, 0]) - k[c]
+            d = np.float64(x[m, c]) - k[c]
             s1[c] += d
             s2[c] += d * d
 
@@ -73,13 +73,14 @@ def _shifted_sums(x, k, nchunks):  # pragma: no cover - compiled
     """Per-channel ``(sum(x - k), sum((x - k)^2))`` in float64; ``k`` is float64 (C,)."""
     A, C, B = x.shape
     if B == 1:
+        x2 = x.reshape(A, C)  # 2D: the channel loop has unit stride
         p1 = np.empty((nchunks, C))
         p2 = np.empty((nchunks, C))
         for t in prange(nchunks):
             for c in range(C):
                 p1[t, c] = 0.0
                 p2[t, c] = 0.0
-            _sums_rows(x, k, A * t // nchunks, A * (t + 1) // nchunks, p1[t], p2[t])
+            _sums_rows(x2, k, A * t // nchunks, A * (t + 1) // nchunks, p1[t], p2[t])
         return _merge(p1, p2)
     r1 = np.empty((A, C))
     r2 = np.empty((A, C))
@@ -97,9 +98,9 @@ def _dot_rows(dy, x, k, m0, m1, s1, s2):  # pragma: no cover - compiled
     C = x.shape[1]
     for m in range(m0, m1):
         for c in range(C):
-            g = np.float64(dy[m, c, 0])
+            g = np.float64(dy[m, c])
             s1[c] += g
-            s2[c] += g * (np.float64(x[m, c, 0]) - k[c])
+            s2[c] += g * (np.float64(x[m, c]) - k[c])
 
 
 @njit(**_OPTS)
@@ -119,13 +120,15 @@ def _grad_sums(dy, x, k, nchunks):  # pragma: no cover - compiled
     """Per-channel ``(sum(dy), sum(dy * (x - k)))`` in float64; ``k`` is float64 (C,)."""
     A, C, B = x.shape
     if B == 1:
+        x2 = x.reshape(A, C)
+        dy2 = dy.reshape(A, C)
         p1 = np.empty((nchunks, C))
         p2 = np.empty((nchunks, C))
         for t in prange(nchunks):
             for c in range(C):
                 p1[t, c] = 0.0
                 p2[t, c] = 0.0
-            _dot_rows(dy, x, k, A * t // nchunks, A * (t + 1) // nchunks, p1[t], p2[t])
+            _dot_rows(dy2, x2, k, A * t // nchunks, A * (t + 1) // nchunks, p1[t], p2[t])
         return _merge(p1, p2)
     r1 = np.empty((A, C))
     r2 = np.empty((A, C))
@@ -143,7 +146,7 @@ def _affine_rows(x, k, s, o, y, m0, m1):  # pragma: no cover - compiled
     C = x.shape[1]
     for m in range(m0, m1):
         for c in range(C):
-            y[m, c, 0] = (x[m, c, 0] - k[c]) * s[c] + o[c]
+            y[m, c] = (x[m, c] - k[c]) * s[c] + o[c]
 
 
 @njit(**_OPTS)
@@ -160,8 +163,10 @@ def _shifted_affine(x, k, s, o, y, nchunks):  # pragma: no cover - compiled
     """``y = (x - k) * s + o`` per channel, in x's dtype (k, s, o of x's dtype, shape (C,))."""
     A, C, B = x.shape
     if B == 1:
+        x2 = x.reshape(A, C)
+        y2 = y.reshape(A, C)
         for t in prange(nchunks):
-            _affine_rows(x, k, s, o, y, A * t // nchunks, A * (t + 1) // nchunks)
+            _affine_rows(x2, k, s, o, y2, A * t // nchunks, A * (t + 1) // nchunks)
     else:
         for r in prange(A * C):
             a = r // C
@@ -173,7 +178,7 @@ def _grad_rows(dy, x, k, ga, gb, gc, dx, m0, m1):  # pragma: no cover - compiled
     C = x.shape[1]
     for m in range(m0, m1):
         for c in range(C):
-            dx[m, c, 0] = ga[c] * dy[m, c, 0] + gb[c] * (x[m, c, 0] - k[c]) + gc[c]
+            dx[m, c] = ga[c] * dy[m, c] + gb[c] * (x[m, c] - k[c]) + gc[c]
 
 
 @njit(**_OPTS)
@@ -191,8 +196,11 @@ def _input_grad(dy, x, k, ga, gb, gc, dx, nchunks):  # pragma: no cover - compil
     """``dx = ga * dy + gb * (x - k) + gc`` per channel, in x's dtype."""
     A, C, B = x.shape
     if B == 1:
+        x2 = x.reshape(A, C)
+        dy2 = dy.reshape(A, C)
+        dx2 = dx.reshape(A, C)
         for t in prange(nchunks):
-            _grad_rows(dy, x, k, ga, gb, gc, dx, A * t // nchunks, A * (t + 1) // nchunks)
+            _grad_rows(dy2, x2, k, ga, gb, gc, dx2, A * t // nchunks, A * (t + 1) // nchunks)
     else:
         for r in prange(A * C):
             a = r // C
