@@ -82,6 +82,7 @@ def spread(values: Sequence[float | None], fmt: str = "{:.3f}") -> str:
     kept = [float(v) for v in values if v is not None and v == v]
     if not kept:
         return "–"
-    text = f"{fmt.format(statistics.median(kept))} [{fmt.format(min(kept))}–{fmt.format(max(kept))}]"
+    mid, low, high = (fmt.format(v) for v in (statistics.median(kept), min(kept), max(kept)))
+    text = f"{mid} [{low}–{high}]"
     missing = len(values) - len(kept)
     return text + (f" ({missing} of {len(values)} never)" if missing else "")

@@ -71,7 +71,8 @@ class History:
 
     def first_step_at(self, target: float) -> int | None:
         """The first evaluated step whose test accuracy reaches ``target``, or None."""
-        return next((s for s, a in zip(self.steps, self.test_acc) if a >= target), None)
+        pairs = zip(self.steps, self.test_acc, strict=True)
+        return next((s for s, a in pairs if a >= target), None)
 
     def to_json(self) -> dict[str, Any]:
         return {
