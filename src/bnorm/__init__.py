@@ -11,6 +11,7 @@ Public API (everything else is private):
   :class:`BNLSTMCell`, :class:`BNLSTM`, :class:`FrozenBatchNorm1d`/``2d``/``3d`` with
   :func:`freeze`/:func:`unfreeze`, :func:`precise_bn`, :class:`BatchNormAct1d`/``2d``; their
   NumPy float64 specification: :mod:`bnorm.reference_remedies`
+- tools: :func:`fold` (batch norm merged into the preceding layer for inference)
 - errors and warnings: :mod:`bnorm.errors`
 - data-parallel: :class:`SyncBatchNorm`, :func:`convert_sync_batchnorm`, :mod:`bnorm.distributed`
 """
@@ -46,5 +47,6 @@ from .tools import convert as convert
 from .tools import freeze as freeze
 from .tools import precise_bn as precise_bn
 from .tools import unfreeze as unfreeze
+from .tools import fold as fold
 
 __version__ = "0.1.0"

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
-from . import __version__, demo
+from . import __version__, bench, demo
 from .kernels import BACKENDS
+from .lab import cli as lab_cli
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bnorm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo.add_parser(sub)
+    bench.add_parser(sub)
+    lab_cli.add_parser(sub)
     info = sub.add_parser("info", help="versions, threads and kernel backends of this install")
     info.set_defaults(func=_info)
     return parser

@@ -23,7 +23,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _checks, kernels
 from .errors import NonFiniteBatchError, NonFiniteBatchWarning
 from .kernels import Backend, as_supported_layout, select_backend
 
@@ -152,6 +152,22 @@ def batch_norm_unchecked(
     channels = x.shape[1]
     count = x.numel() // channels if channels else 0
     backend = select_backend(x)
+    if backend is kernels.NUMBA and count > 0:
+        y = _fused_numba(
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            use_batch_stats,
+            momentum,
+            eps,
+            num_batches_tracked,
+            on_nonfinite,
+            layer,
+        )
+        if y is not None:
+            return y
     if use_batch_stats:
         if count == 0:
             # Nothing to normalize; any finite stand-ins give the empty output and zero grads.
@@ -205,13 +221,7 @@ def update_running_stats(
     channel. The update is computed in float64 and stored in the buffers' dtype.
     """
     if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
-        message = (
-            f"{layer}: the training batch holds NaN or Inf; running_mean, running_var and "
-            f"num_batches_tracked were left unchanged (torch would have overwritten them)"
-        )
-        if on_nonfinite == "raise":
-            raise NonFiniteBatchError(message)
-        warnings.warn(message, NonFiniteBatchWarning, stacklevel=4)
+        _report_nonfinite(layer, on_nonfinite, stacklevel=5)
         return
     if momentum is None:
         if num_batches_tracked is None:
@@ -229,6 +239,112 @@ def update_running_stats(
             running_var.copy_((1 - rate) * running_var.to(torch.float64) + rate * unbiased)
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
+
+
+def _report_nonfinite(layer: str, on_nonfinite: str, stacklevel: int) -> None:
+    message = (
+        f"{layer}: the training batch holds NaN or Inf; running_mean, running_var and "
+        f"num_batches_tracked were left unchanged (torch would have overwritten them)"
+    )
+    if on_nonfinite == "raise":
+        raise NonFiniteBatchError(message)
+    warnings.warn(message, NonFiniteBatchWarning, stacklevel=stacklevel)
+
+
+def _fused_numba(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_batch_stats: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked: Tensor | None,
+    on_nonfinite: str,
+    layer: str,
+) -> Tensor | None:
+    """The numba backend's hot path: one compiled call per forward (and per backward).
+
+    Same results and semantics as the step-by-step path below it; returns ``None`` for the
+    cases it leaves to that path (one running buffer without the other, buffers of another
+    dtype, ``momentum=None`` without a counter, evaluation with gradients).
+    """
+    numba_cpu = kernels.numba_cpu
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    if not use_batch_stats:
+        if needs_grad or not numba_cpu.fused_buffers_ok(x, running_mean, running_var):
+            return None
+        assert running_mean is not None and running_var is not None
+        return numba_cpu.eval_forward(x, running_mean, running_var, weight, bias, eps)
+    if (running_mean is None) != (running_var is None):
+        return None
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
+        return None  # the step-by-step path raises the error that names the problem
+    if not numba_cpu.fused_buffers_ok(x, running_mean, running_var):
+        return None
+    if needs_grad:
+        return _FusedTrainFunction.apply(
+            x,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            momentum,
+            eps,
+            on_nonfinite,
+            layer,
+        )
+    y, _mean, _invstd, finite = numba_cpu.train_forward(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+    )
+    if not finite and running_mean is not None:
+        _report_nonfinite(layer, on_nonfinite, stacklevel=5)
+    return y
+
+
+class _FusedTrainFunction(torch.autograd.Function):
+    """Training-mode batch norm on the numba backend: one compiled call forward, one backward.
+
+    The running statistics are updated inside the forward call (they carry no gradient). The
+    backward is :func:`bnorm.kernels.numba_cpu.train_backward`; a second derivative
+    (``create_graph=True``) differentiates the same composite of torch ops as
+    :class:`_BatchNormFunction`.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x, weight, bias, running_mean, running_var, nbt, momentum, eps, on_nonfinite, layer
+    ):
+        y, mean, invstd, finite = kernels.numba_cpu.train_forward(
+            x, weight, bias, running_mean, running_var, nbt, momentum, eps
+        )
+        if not finite and running_mean is not None:
+            _report_nonfinite(layer, on_nonfinite, stacklevel=7)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.use_batch_stats = True
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            grads = _composite_grads(ctx, dy, x, weight, bias, mean, invstd)
+        else:
+            dx, sum_dy, sum_dy_xmu = kernels.numba_cpu.train_backward(
+                dy, x, mean, invstd, weight, need_x
+            )
+            grads = (
+                dx,
+                (sum_dy_xmu * invstd).to(weight.dtype) if need_w else None,
+                sum_dy.to(bias.dtype) if need_b else None,
+            )
+        return (*grads, None, None, None, None, None, None, None)
 
 
 class _BatchNormFunction(torch.autograd.Function):

@@ -51,6 +51,23 @@ TORCH_OPS = Backend(
 
 BACKENDS: dict[str, Backend] = {TORCH_OPS.name: TORCH_OPS}
 
+# numba's compiled loops (kernels/numba_cpu.py) are the default on CPU. The import is guarded so
+# bnorm still works, on torch ops, where numba is not installed (a platform without its wheels).
+try:
+    from . import numba_cpu
+except ImportError:  # pragma: no cover - numba is a declared dependency
+    numba_cpu = None  # type: ignore[assignment]
+    NUMBA: Backend | None = None
+else:
+    NUMBA = Backend(
+        name="numba",
+        statistics=numba_cpu.statistics,
+        transform=numba_cpu.transform,
+        backward_reduce=numba_cpu.backward_reduce,
+        backward_elementwise=numba_cpu.backward_elementwise,
+    )
+    BACKENDS[NUMBA.name] = NUMBA
+
 _forced: Backend | None = None
 
 
@@ -58,6 +75,8 @@ def select_backend(x: Tensor) -> Backend:
     """The backend for a CPU tensor ``x`` (already in a supported layout)."""
     if _forced is not None:
         return _forced
+    if NUMBA is not None and numba_cpu.supports(x):
+        return NUMBA
     return TORCH_OPS
 
 

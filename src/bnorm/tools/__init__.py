@@ -4,3 +4,5 @@ from .convert import convert as convert
 from .freeze import freeze as freeze
 from .freeze import unfreeze as unfreeze
 from .precise import precise_bn as precise_bn
+from .fold import fold as fold
+from .fold import fold_weights as fold_weights

@@ -1,0 +1,372 @@
+"""``bnorm bench``: bnorm's batch norm against torch's, side by side on the same tensors.
+
+For every case (a shape and a memory layout, float32) the same input is run through a bnorm
+layer and a torch layer, alternately (which one goes first alternates too), ``--reps`` times;
+each table entry is the median over those pairs, and each ratio the median of the pair-by-pair
+ratios, so a burst of load on a shared machine hits both sides of a pair alike. Measured:
+
+- training forward+backward (``y = bn(x); y.backward(dy)``, parameters with gradients);
+- evaluation forward under ``torch.no_grad()``;
+- ``copy`` (``dst.copy_(x)`` into an existing tensor: the memory traffic of one read and one
+  write) and ``clone`` (``x.clone()``: allocation plus copy, the least any op returning a new
+  tensor pays); training is compared with ``copy``, evaluation with ``clone``;
+- with ``--compile``, ``torch.compile`` of torch's layer as a third contender.
+
+The run ends with the inference speedup of :func:`bnorm.fold` on a small conv net. The table is
+printed as markdown; a CSV goes to ``<results-dir>/<machine kind>-torch<version>.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import bnorm
+
+__all__ = ["DEFAULT_CASES", "QUICK_CASES", "Case", "machine_kind", "measure_case", "run"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """A float32 input of ``shape`` in ``layout``: "N,C", "N,C,L", "NCHW" or "channels_last"."""
+
+    layout: str
+    shape: tuple[int, ...]
+
+    @property
+    def megabytes(self) -> float:
+        return math.prod(self.shape) * 4 / 2**20
+
+
+DEFAULT_CASES = [
+    Case("N,C", (32, 50)),  # the demo's batch: dispatch overhead dominates
+    Case("N,C", (8192, 256)),
+    Case("N,C", (65536, 256)),
+    Case("N,C,L", (64, 128, 256)),
+    Case("NCHW", (32, 32, 16, 16)),
+    Case("NCHW", (64, 64, 28, 28)),
+    Case("NCHW", (32, 256, 14, 14)),
+    Case("NCHW", (128, 64, 56, 56)),
+    Case("channels_last", (64, 64, 28, 28)),
+    Case("channels_last", (32, 256, 14, 14)),
+]
+QUICK_CASES = [
+    Case("N,C", (32, 50)),
+    Case("N,C", (8192, 256)),
+    Case("N,C,L", (32, 128, 256)),
+    Case("NCHW", (32, 64, 28, 28)),
+    Case("channels_last", (32, 64, 28, 28)),
+]
+
+
+def machine_kind() -> str:
+    """e.g. ``x86_64-2core``: what the results file is named after."""
+    return f"{platform.machine()}-{os.cpu_count()}core"
+
+
+def _layers(case: Case) -> tuple[nn.Module, nn.Module]:
+    rank = len(case.shape)
+    c = case.shape[1]
+    if rank in (2, 3):
+        return bnorm.BatchNorm1d(c), nn.BatchNorm1d(c)
+    if rank == 4:
+        return bnorm.BatchNorm2d(c), nn.BatchNorm2d(c)
+    return bnorm.BatchNorm3d(c), nn.BatchNorm3d(c)
+
+
+def _input(case: Case, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.shape, generator=g)
+    if case.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _calls_per_sample(fn: Callable[[], object]) -> int:
+    """Enough calls per timed sample to last ~1 ms (tiny tensors take microseconds)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    return max(1, min(2000, int(1e-3 / max(once, 1e-7))))
+
+
+def _time(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def _alternate(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``reps`` samples each, taken round-robin; the order
+    rotates every round so no function always runs right after another."""
+    names = list(fns)
+    for fn in fns.values():  # warm up: first calls allocate, load compiled code, fill caches
+        for _ in range(3):
+            fn()
+    calls = {name: _calls_per_sample(fns[name]) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in order:
+            times[name].append(_time(fns[name], calls[name]))
+    return times
+
+
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
+def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        x.grad = None
+        layer(x).backward(dy)
+
+    return step
+
+
+def measure_case(case: Case, reps: int, compile: bool = False) -> dict[str, float | str]:
+    """One row of the table: medians (ms) and median pair-by-pair ratios for ``case``."""
+    ours, theirs = _layers(case)
+    x = _input(case)
+    xg = x.clone().requires_grad_()
+    dy = _input(case, seed=1)
+    dst = torch.empty_like(x)
+    train = {
+        "bnorm": _train_step(ours, xg, dy),
+        "torch": _train_step(theirs, xg, dy),
+        "copy": lambda: dst.copy_(x),
+    }
+    compiled = None
+    if compile:
+        compiled = torch.compile(_layers(case)[1])
+        train["compile"] = _train_step(compiled, xg, dy)
+    t = _alternate(train, reps)
+    row: dict[str, float | str] = {
+        "layout": case.layout,
+        "shape": "x".join(map(str, case.shape)),
+        "MB": round(case.megabytes, 2),
+        "train_bnorm_ms": statistics.median(t["bnorm"]) * 1e3,
+        "train_torch_ms": statistics.median(t["torch"]) * 1e3,
+        "train_torch_over_bnorm": _median_ratio(t["torch"], t["bnorm"]),
+        "train_bnorm_over_copy": _median_ratio(t["bnorm"], t["copy"]),
+    }
+    if compiled is not None:
+        row["train_compile_ms"] = statistics.median(t["compile"]) * 1e3
+        row["train_compile_over_bnorm"] = _median_ratio(t["compile"], t["bnorm"])
+    for layer in (ours, theirs, compiled):
+        if layer is not None:
+            layer.eval()
+    evals: dict[str, Callable[[], object]] = {
+        "bnorm": lambda: ours(x),
+        "torch": lambda: theirs(x),
+        "clone": lambda: x.clone(),
+    }
+    if compiled is not None:
+        evals["compile"] = lambda: compiled(x)
+    with torch.no_grad():
+        e = _alternate(evals, reps)
+    row.update(
+        {
+            "eval_bnorm_ms": statistics.median(e["bnorm"]) * 1e3,
+            "eval_torch_ms": statistics.median(e["torch"]) * 1e3,
+            "eval_torch_over_bnorm": _median_ratio(e["torch"], e["bnorm"]),
+            "eval_bnorm_over_clone": _median_ratio(e["bnorm"], e["clone"]),
+        }
+    )
+    if compiled is not None:
+        row["eval_compile_ms"] = statistics.median(e["compile"]) * 1e3
+        row["eval_compile_over_bnorm"] = _median_ratio(e["compile"], e["bnorm"])
+    return row
+
+
+def _conv_net() -> nn.Module:
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 32), nn.AdaptiveAvgPool2d(1))
+
+
+def measure_fold(reps: int) -> dict[str, float]:
+    """Inference of a small conv net (3 conv+BN+ReLU blocks) before and after bnorm.fold."""
+    torch.manual_seed(0)
+    model = _conv_net()
+    with torch.no_grad():  # a few training batches give the running statistics real values
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    folded = bnorm.fold(model)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        t = _alternate({"model": lambda: model(x), "folded": lambda: folded(x)}, reps)
+        expected, got = model(x), folded(x)
+    error = float((got - expected).abs().max() / expected.abs().max())
+    return {
+        "model_ms": statistics.median(t["model"]) * 1e3,
+        "folded_ms": statistics.median(t["folded"]) * 1e3,
+        "speedup": _median_ratio(t["model"], t["folded"]),
+        "max_rel_error": error,
+    }
+
+
+_COLUMNS = [
+    ("layout", "layout", "{}"),
+    ("shape", "shape", "{}"),
+    ("MB", "MB", "{:g}"),
+    ("train_bnorm_ms", "train bnorm ms", "{:.3f}"),
+    ("train_torch_ms", "train torch ms", "{:.3f}"),
+    ("train_torch_over_bnorm", "torch/bnorm", "**{:.2f}×**"),
+    ("train_bnorm_over_copy", "bnorm/copy", "{:.1f}"),
+    ("train_compile_ms", "train compile ms", "{:.3f}"),
+    ("train_compile_over_bnorm", "compile/bnorm", "{:.2f}×"),
+    ("eval_bnorm_ms", "eval bnorm ms", "{:.3f}"),
+    ("eval_torch_ms", "eval torch ms", "{:.3f}"),
+    ("eval_torch_over_bnorm", "torch/bnorm", "**{:.2f}×**"),
+    ("eval_bnorm_over_clone", "bnorm/clone", "{:.2f}"),
+    ("eval_compile_ms", "eval compile ms", "{:.3f}"),
+    ("eval_compile_over_bnorm", "compile/bnorm", "{:.2f}×"),
+]
+
+
+def markdown_table(rows: Sequence[dict[str, float | str]]) -> str:
+    cols = [c for c in _COLUMNS if c[0] in rows[0]]
+    lines = [
+        "| " + " | ".join(title for _, title, _ in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in cols) + " |")
+    return "\n".join(lines)
+
+
+def run(
+    cases: Sequence[Case],
+    reps: int,
+    compile: bool = False,
+    progress: bool = True,
+) -> tuple[list[dict[str, float | str]], dict[str, float]]:
+    rows = []
+    for case in tqdm(cases, desc="bnorm bench", disable=not progress, unit="case"):
+        rows.append(measure_case(case, reps, compile))
+    return rows, measure_fold(reps)
+
+
+def _parse_case(text: str) -> Case:
+    layout, _, shape = text.partition(":")
+    names = {"nc": "N,C", "ncl": "N,C,L", "nchw": "NCHW", "cl": "channels_last"}
+    if layout.lower() not in names or not shape:
+        raise argparse.ArgumentTypeError(
+            f"expected LAYOUT:SHAPE with LAYOUT one of {sorted(names)}, e.g. nchw:32x64x28x28; "
+            f"got {text!r}"
+        )
+    dims = tuple(int(d) for d in shape.lower().split("x"))
+    ranks = {"nc": (2,), "ncl": (3,), "nchw": (4,), "cl": (4,)}[layout.lower()]
+    if len(dims) not in ranks or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"shape {shape!r} does not fit layout {layout!r}")
+    return Case(names[layout.lower()], dims)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="bnorm vs torch batch norm, side by side (markdown table + CSV)",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--quick", action="store_true", help="fewer, smaller cases (about 1 min)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow)")
+    p.add_argument("--reps", type=int, default=None, help="pairs per measurement (15; quick 9)")
+    p.add_argument("--threads", type=int, default=None, help="torch (and numba) threads")
+    p.add_argument(
+        "--case",
+        type=_parse_case,
+        action="append",
+        metavar="LAYOUT:SHAPE",
+        help="measure this case instead of the default set (repeatable), e.g. cl:32x64x28x28",
+    )
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path("benchmarks") / "results",
+        help="where the CSV goes (default benchmarks/results)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("bnorm bench: --threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    reps = args.reps if args.reps is not None else (9 if args.quick else 15)
+    if reps < 1:
+        raise SystemExit("bnorm bench: --reps must be at least 1")
+    cases = args.case or (QUICK_CASES if args.quick else DEFAULT_CASES)
+    load_before = _load()
+    rows, folding = run(cases, reps, args.compile, progress=not args.no_progress)
+    load = f"{load_before}/{_load()}"
+    version = torch.__version__.split("+")[0]
+    print(
+        f"\nbnorm {bnorm.__version__}, torch {torch.__version__}, {machine_kind()}, "
+        f"{torch.get_num_threads()} threads, float32, median of {reps} alternating pairs; "
+        f"1-min load average before/after: {load} (other processes skew absolute times; "
+        "threads waiting on busy cores skew multi-threaded ones most)"
+    )
+    print(markdown_table(rows))
+    print(
+        f"\nbnorm.fold on a 3-block conv net, eval, batch 8x3x32x32: "
+        f"{folding['model_ms']:.3f} ms -> {folding['folded_ms']:.3f} ms "
+        f"(**{folding['speedup']:.2f}×** faster; max relative difference "
+        f"{folding['max_rel_error']:.1e})"
+    )
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    # the default run (all cores) is the results file; other thread counts are named apart
+    threads = torch.get_num_threads()
+    suffix = "" if threads == os.cpu_count() else f"-{threads}thread"
+    path = args.results_dir / f"{machine_kind()}-torch{version}{suffix}.csv"
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    fold_fields = ["fold_model_ms", "fold_folded_ms", "fold_speedup", "fold_max_rel_error"]
+    meta = {
+        "machine": machine_kind(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "reps": reps,
+        "load_before_after": load,
+    }
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*meta, *fields, *fold_fields])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(meta | {k: _csv_value(v) for k, v in row.items()})
+        writer.writerow(
+            meta
+            | {"layout": "fold: 3-block conv net, eval", "shape": "8x3x32x32"}
+            | {f"fold_{k}": f"{v:.3g}" for k, v in folding.items()}
+        )
+    print(f"CSV: {path}")
+    return 0
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:  # not available on every platform
+        return "?"
+
+
+def _csv_value(v: float | str) -> float | str:
+    return round(v, 5) if isinstance(v, float) else v

@@ -1,0 +1,230 @@
+"""The numba backend: fused paths, threading, awkward sizes and layouts, precision far from zero.
+
+The step-by-step functions are also covered, with every other backend, by test_backends.py.
+Tensors here are small; ``PARALLEL_MIN_NUMEL`` is lowered so that they still go through the
+multi-threaded loops (and their uneven splits), not only the serial ones.
+"""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close, channels_last, exact_normalize, is_channels_last, np64
+
+import bnorm
+from bnorm import reference as ref
+from bnorm.functional import batch_norm
+from bnorm.kernels import BACKENDS, select_backend, use_backend
+
+numba_cpu = pytest.importorskip("bnorm.kernels.numba_cpu")
+
+# (shape, channels_last): C=1, N=2, spatial 1, sizes that split unevenly over 2 threads
+SHAPES = [
+    ((7, 3), False),
+    ((2, 1), False),
+    ((5, 3, 7), False),
+    ((3, 5, 1, 1), False),
+    ((3, 5, 3, 5), True),
+    ((2, 1, 3, 3), True),
+    ((3, 4, 2, 3, 5), False),
+    ((3, 4, 2, 3, 5), True),
+    ((9, 6, 1), False),
+]
+
+
+@pytest.fixture(params=["serial", "threads1", "threads2"])
+def threading_mode(request, monkeypatch):
+    """Serial loops; parallel loops on 1 thread; parallel loops on 2 threads."""
+    before = torch.get_num_threads()
+    if request.param != "serial":
+        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 1)
+    torch.set_num_threads(2 if request.param == "threads2" else 1)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _x(shape, cl, dtype=torch.float64, offset=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + offset).to(dtype)
+    return channels_last(x) if cl else x
+
+
+def test_numba_is_the_default_cpu_backend():
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        assert select_backend(torch.zeros(2, 3, dtype=dtype)).name == "numba"
+    with use_backend("torch_ops"):
+        assert select_backend(torch.zeros(2, 3)).name == "torch_ops"
+
+
+@pytest.mark.parametrize("shape,cl", SHAPES)
+def test_fused_training_forward_backward_and_running_stats(shape, cl, threading_mode):
+    c = shape[1]
+    x = _x(shape, cl, offset=2.0).requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.randn(c, dtype=torch.float64), torch.rand(c, dtype=torch.float64) + 0.5
+    rm0, rv0 = np64(rm), np64(rv)
+    y = batch_norm(x, rm, rv, w, b, training=True, momentum=0.3, eps=1e-4)
+    dy = _x(shape, cl, seed=3)
+    y.backward(dy)
+
+    y_ref, cache = ref.forward_train(np64(x), np64(w), np64(b), eps=1e-4)
+    dx_ref, dw_ref, db_ref = ref.backward(np64(dy), cache)
+    rm_ref, rv_ref, _ = ref.update_running_stats(rm0, rv0, cache.stats, 0.3)
+    assert_close(y, y_ref, atol=1e-12, what="y")
+    assert_close(x.grad, dx_ref, atol=1e-11, what="dx")
+    assert_close(w.grad, dw_ref, atol=1e-11, what="dweight")
+    assert_close(b.grad, db_ref, atol=1e-11, what="dbias")
+    assert_close(rm, rm_ref, atol=1e-13, what="running_mean")
+    assert_close(rv, rv_ref, atol=1e-13, what="running_var")
+    assert is_channels_last(y) if cl else y.is_contiguous()
+    assert is_channels_last(x.grad) if cl else x.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("shape,cl", SHAPES)
+def test_fused_eval_forward(shape, cl, threading_mode):
+    c = shape[1]
+    x = _x(shape, cl, dtype=torch.float32, offset=1.0)
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+    with torch.no_grad():
+        y = batch_norm(x, rm, rv, w, b, training=False, eps=1e-3)
+    expected = ref.forward_eval(np64(x), np64(rm), np64(rv), np64(w), np64(b), 1e-3)
+    assert_close(y, expected, atol=2e-6, rtol=1e-6)
+    assert y.dtype == torch.float32
+    assert is_channels_last(y) if cl else y.is_contiguous()
+
+
+@pytest.mark.parametrize("shape,cl", SHAPES[:5])
+def test_fused_path_equals_step_by_step_path_in_float32(shape, cl, threading_mode):
+    c = shape[1]
+    x = _x(shape, cl, dtype=torch.float32, offset=3.0)
+    dy = _x(shape, cl, dtype=torch.float32, seed=5)
+    results = []
+    for fused in (True, False):
+        xr = x.clone().requires_grad_()
+        w = torch.linspace(0.5, 1.5, c).requires_grad_()
+        rm, rv = torch.zeros(c), torch.ones(c)
+        if fused:
+            y = batch_norm(xr, rm, rv, w, None, training=True)
+        else:
+            # the four steps of the same backend, one by one (the contract SyncBatchNorm uses)
+            be = BACKENDS["numba"]
+            mean, var = be.statistics(x)
+            invstd = torch.rsqrt(var + 1e-5)
+            y = be.transform(x, mean, invstd, w.detach(), None)
+            sums = be.backward_reduce(dy, x, mean)
+            count = x.numel() // c
+            xr.grad = be.backward_elementwise(dy, x, mean, invstd, w.detach(), *sums, count)
+            w.grad = (sums[1] * invstd).float()
+        if fused:
+            y.backward(dy)
+        results.append((y.detach(), xr.grad, w.grad))
+    for a, b_, what in zip(results[0], results[1], ("y", "dx", "dweight"), strict=True):
+        assert_close(a, b_, atol=2e-5, rtol=1e-5, what=what)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+@pytest.mark.parametrize("cl", [False, True])
+def test_precision_far_from_zero_with_kernels(offset, cl, threading_mode):
+    x = _x((16, 4, 6, 5), cl, dtype=torch.float32, offset=offset, seed=7)
+    y = batch_norm(x, None, None, training=True)
+    assert np.abs(np64(y) - exact_normalize(x)).max() <= 1e-4
+    # the same in evaluation, with the batch's exact statistics as running statistics
+    d = np64(x)
+    axes = (0, 2, 3)
+    rm = torch.tensor(d.mean(axis=axes), dtype=torch.float32)
+    rv = torch.tensor(d.var(axis=axes), dtype=torch.float32)
+    with torch.no_grad():
+        y_eval = batch_norm(x, rm, rv, training=False, eps=0.0)
+    expected = (d - np64(rm).reshape(1, -1, 1, 1)) / np.sqrt(np64(rv)).reshape(1, -1, 1, 1)
+    assert np.abs(np64(y_eval) - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cl", [False, True])
+def test_low_precision_inputs(dtype, cl, threading_mode):
+    x = _x((6, 3, 4, 5), cl, dtype=dtype, offset=4.0).requires_grad_()
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = batch_norm(x, rm, rv, w, b, training=True, momentum=0.5)
+    dy = _x((6, 3, 4, 5), cl, dtype=dtype, seed=9)
+    y.backward(dy)
+    assert y.dtype == x.grad.dtype == dtype
+    assert rm.dtype == torch.float32
+    y_ref, cache = ref.forward_train(np64(x), np64(w), np64(b))
+    dx_ref = ref.backward(np64(dy), cache)[0]
+    tol = 3e-2 if dtype == torch.bfloat16 else 4e-3  # one rounding to the output dtype
+    assert_close(y, y_ref, atol=tol * 4, what="y")
+    assert_close(x.grad, dx_ref, atol=tol * 4, what="dx")
+    rm_ref, rv_ref, _ = ref.update_running_stats(np.zeros(3), np.ones(3), cache.stats, 0.5)
+    assert_close(rm, rm_ref, atol=1e-6, what="running_mean")
+    assert_close(rv, rv_ref, atol=1e-5, rtol=1e-6, what="running_var")
+    assert is_channels_last(y) if cl else y.is_contiguous()
+
+
+def test_non_contiguous_input(threading_mode):
+    base = _x((6, 10, 7), False)
+    x = base[:, ::2, 1:].requires_grad_()  # strided: neither contiguous nor channels_last
+    y = batch_norm(x, None, None, training=True)
+    y.backward(torch.ones_like(y))
+    y_ref, cache = ref.forward_train(np64(x))
+    assert_close(y, y_ref, atol=1e-12)
+    assert_close(x.grad, ref.backward(np.ones(x.shape), cache)[0], atol=1e-11)
+
+
+def test_cumulative_average_and_counter(threading_mode):
+    layer = bnorm.BatchNorm2d(3, momentum=None).double()
+    torch_layer = torch.nn.BatchNorm2d(3, momentum=None).double()
+    for seed in range(3):
+        x = _x((4, 3, 2, 3), False, offset=1.0, seed=seed)
+        layer(x)
+        torch_layer(x)
+    assert int(layer.num_batches_tracked) == 3
+    assert_close(layer.running_mean, torch_layer.running_mean, atol=1e-13)
+    assert_close(layer.running_var, torch_layer.running_var, atol=1e-13)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_batch_leaves_running_stats_on_the_fused_path(bad, threading_mode):
+    layer = bnorm.BatchNorm1d(4)
+    x = torch.randn(8, 4)
+    x[3, 2] = bad
+    with pytest.warns(bnorm.NonFiniteBatchWarning):
+        layer(x.requires_grad_())
+    with pytest.warns(bnorm.NonFiniteBatchWarning), torch.no_grad():
+        layer(x)
+    assert torch.equal(layer.running_mean, torch.zeros(4))
+    assert torch.equal(layer.running_var, torch.ones(4))
+    assert int(layer.num_batches_tracked) == 0
+    layer.on_nonfinite = "raise"
+    with pytest.raises(bnorm.NonFiniteBatchError):
+        layer(x)
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_numba_threads_follow_torch(monkeypatch):
+    numba = pytest.importorskip("numba")
+    before = torch.get_num_threads()
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 1)
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            numba_cpu.statistics(torch.randn(4, 3))
+            assert numba.get_num_threads() == min(n, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_first_use_keeps_torch_thread_count():
+    """numba's OpenMP pool, started by bnorm's first kernel, must not reset torch's threads."""
+    code = (
+        "import torch, bnorm\n"
+        "torch.set_num_threads(1)\n"
+        "bnorm.BatchNorm2d(8)(torch.randn(64, 8, 16, 16))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "1"
