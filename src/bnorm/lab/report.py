@@ -73,7 +73,8 @@ def render(out: Path, records: list[JSON], manifest: JSON) -> str:
     meta = (
         f"{kind}; {_e(manifest.get('machine', '?'))}; torch {_e(manifest.get('torch', '?'))}; "
         f"bnorm {_e(manifest.get('bnorm', '?'))}; torch threads "
-        f"{_e(manifest.get('torch_threads', '?'))}; started {_e(manifest.get('started', '?'))}"
+        f"{_e(manifest.get('torch_threads', '?'))}; processes {_e(manifest.get('world_size', 1))}; "
+        f"started {_e(manifest.get('started', '?'))}"
     )
     claims = "".join(
         f"<tr><td><blockquote>{_e(r['claim'])}</blockquote></td>"

@@ -10,6 +10,10 @@ Layout of an output directory ``OUT`` (default ``bnorm-out/lab``)::
 
 A seed file is reused when it exists and was made with the same config, so an interrupted run
 started again resumes where it stopped; a changed config (quick vs full) recomputes it.
+
+Under ``torchrun --nproc-per-node N -m bnorm lab run ...`` every rank runs the same experiments
+and seeds in the same order (the training loops are data-parallel, see :mod:`bnorm.lab.train`);
+rank 0 alone decides what to resume, writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .. import distributed as bd
 from .experiment import JSON, VERDICTS, Experiment
 from .experiments import all_experiments, get
 
@@ -70,6 +76,19 @@ def select(names: Sequence[str]) -> list[Experiment]:
     if not names or "all" in names:
         return all_experiments()
     return [get(n) for n in names]
+
+
+def _rank0_says(flag: bool) -> bool:
+    """Rank 0's value of ``flag`` on every rank (itself when not distributed).
+
+    Only rank 0 reads and writes the output directory, so whether a seed is already done is its
+    decision; the others follow it, or they would wait in a collective rank 0 never enters.
+    """
+    if bd.world_size() == 1:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def seed_path(out: Path, exp: Experiment, seed: int) -> Path:
@@ -167,17 +186,21 @@ def run_lab(
     manifest.setdefault("experiments", {})
     total = sum(n for _, _, n in plan)
     records = []
-    with tqdm(total=total, desc="bnorm lab", unit="run", disable=not progress) as bar:
+    main = bd.is_main_process()
+    with tqdm(total=total, desc="bnorm lab", unit="run", disable=not (progress and main)) as bar:
         for exp, cfg, n in plan:
             for seed in range(n):
                 bar.set_postfix_str(f"{exp.name} seed {seed}")
                 path = seed_path(out, exp, seed)
-                if path.exists() and read_json(path).get("config") == cfg:
+                done = main and path.exists() and read_json(path).get("config") == cfg
+                if _rank0_says(done):
                     bar.update(1)  # resumed: made earlier with the same config
                     continue
                 t0 = time.perf_counter()
                 result = exp.run(seed, cfg)
                 seconds = time.perf_counter() - t0
+                if not main:
+                    continue
                 write_json_atomic(
                     path,
                     {
@@ -189,6 +212,8 @@ def run_lab(
                     },
                 )
                 bar.update(1)
+            if not main:
+                continue
             results = load_results(out, exp, n, cfg)
             assert results is not None  # every seed file was just checked or written
             record = finalize(out, exp, results, cfg, quick)
@@ -196,7 +221,10 @@ def run_lab(
             manifest["experiments"][exp.name] = {"seeds": n, "quick": quick}
             manifest["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
             write_json_atomic(manifest_path, manifest)
-    write_report(out)
+    if main:
+        manifest["world_size"] = bd.world_size()
+        write_json_atomic(manifest_path, manifest)
+        write_report(out)
     return records
 
 

@@ -6,6 +6,12 @@ trained in train mode on mini-batches drawn by a seeded permutation per epoch (o
 evaluated in **eval mode** (running statistics, as at inference) every ``eval_every`` steps on
 the test set and on a fixed subset of the training set. A non-finite loss stops the run and
 marks it diverged.
+
+Under ``torchrun --nproc-per-node N`` (see :mod:`bnorm.distributed`) the same loop trains
+data-parallel: every rank draws the same global batch, keeps its shard, the model's batch-norm
+layers become :class:`bnorm.SyncBatchNorm` inside DistributedDataParallel, and the loss is
+scaled so the gradient is that of the mean over the *global* batch. The global batch size,
+and so the batch statistics, stay what they are in one process.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from .. import distributed as bd
 from .data import Dataset
 
 Sampler = Callable[[int, torch.Generator], Iterator[torch.Tensor]]
@@ -120,6 +128,13 @@ def fit(
     Returns:
         The :class:`History`. A non-finite loss stops training and sets ``diverged``; the
         remaining evaluations are not made (chance-level accuracy is recorded once).
+
+    Data-parallel (under torchrun): ``model`` is wrapped by :func:`bnorm.distributed.prepare_model`
+    for the duration of the call (its BatchNorm1d/2d/3d layers are swapped for SyncBatchNorm
+    ones sharing the same tensors, so ``optimizer`` keeps working, and put back afterwards);
+    ``loss_fn`` must return the mean over its batch; the recorded loss is the global-batch mean;
+    evaluation runs on every rank without collectives. Other normalization layers keep per-rank
+    statistics.
     """
     loss_fn = loss_fn or nn.functional.cross_entropy
     sampler = sampler or shuffled_batches(batch_size)
@@ -130,12 +145,26 @@ def fit(
     running = 0.0
     seen = 0
     start = time.perf_counter()
+    parallel = bd.world_size() > 1
+    slots = _batch_norm_slots(model) if parallel else []
+    net = bd.prepare_model(model) if parallel else model
     model.train()
     while step < steps and not history.diverged:
         for idx in sampler(len(x_train), generator):
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x_train[idx]), y_train[idx])
-            value = float(loss)
+            if parallel:
+                mine = bd.shard(idx)
+                # local mean × local size = local sum; DDP averages over ranks; the scale
+                # turns that into the mean over the global batch even for uneven shards.
+                scale = len(mine) * bd.global_mean_loss_scale(len(mine), len(idx))
+                loss = loss_fn(net(x_train[mine]), y_train[mine]) * scale
+                # Every rank must agree on divergence and report the same loss: the global mean.
+                total = loss.detach().clone()
+                dist.all_reduce(total)
+                value = float(total) / bd.world_size()
+            else:
+                loss = loss_fn(net(x_train[idx]), y_train[idx])
+                value = float(loss)
             if not math.isfinite(value):
                 history.diverged = True
                 history.steps.append(step + 1)
@@ -159,4 +188,21 @@ def fit(
             if step >= steps:
                 break
     history.seconds = time.perf_counter() - start
+    for parent, name, layer in slots:
+        parent._modules[name] = layer
     return history
+
+
+def _batch_norm_slots(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, layer) of every batch-norm layer, to put back after a data-parallel fit.
+
+    ``prepare_model`` swaps them for SyncBatchNorm layers that share their parameters and
+    buffers (updated in place); the experiment keeps using ``model`` in one process after the
+    fit, so the original layers go back in their slots.
+    """
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent._modules.items()
+        if isinstance(child, nn.modules.batchnorm._BatchNorm)
+    ]

@@ -1,0 +1,50 @@
+"""One rank of the lab's training loop, run by tests/lab/test_lab_torchrun.py (not a test).
+
+Usage: ``python fit_worker.py OUT.json`` alone, or under ``torchrun --nproc-per-node N``.
+Trains a small batch-norm MLP on MNIST-1D through ``bnorm.lab.train.fit`` and (rank 0) writes
+the history and the running statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+from torch import nn
+
+import bnorm
+from bnorm import distributed as bd
+from bnorm.lab.data import mnist1d
+from bnorm.lab.train import fit, seed_all
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    bd.init_from_env(timeout=60)
+    generator = seed_all(0)
+    model = nn.Sequential(nn.Linear(40, 32), bnorm.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = fit(
+        model,
+        mnist1d(),
+        steps=30,
+        batch_size=33,
+        optimizer=optimizer,
+        generator=generator,
+        eval_every=10,
+    )
+    if bd.is_main_process():
+        bn = model[1]
+        assert type(bn) is bnorm.BatchNorm1d  # the local layer is back after the fit
+        record = history.to_json()
+        record["running_mean"] = bn.running_mean.tolist()
+        record["running_var"] = bn.running_var.tolist()
+        record["num_batches_tracked"] = int(bn.num_batches_tracked)
+        record["world_size"] = bd.world_size()
+        with open(out, "w") as f:
+            json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
