@@ -3,9 +3,9 @@
 The four functions follow the contract of :mod:`bnorm.kernels` (statistics -> transform ->
 backward reductions -> backward elementwise) and the precision scheme of
 :mod:`bnorm.kernels.torch_ops`: statistics are float64 sums of ``x - k`` with ``k`` a sample of
-each channel, merged across threads by adding per-thread partial sums (same shift, so the merge
-is exact up to float64 rounding); every elementwise step subtracts ``k`` = the mean rounded to
-the compute dtype first, which is exact near the data.
+each channel, merged across threads by adding per-thread partial sums (same shift, so no
+correction term; float64 rounding only); every elementwise step subtracts ``k`` = the mean
+rounded to the compute dtype first, which is exact near the data.
 
 Each step is one pass over memory: statistics read x once; the transform reads x and writes y;
 the backward reductions read dy and x once; the input gradient reads dy and x and writes dx. So
