@@ -95,12 +95,14 @@ def _input(case: Case, seed: int = 0) -> torch.Tensor:
 
 
 def _calls_per_sample(fn: Callable[[], object]) -> int:
-    """Enough calls per timed sample to last ~1 ms (tiny tensors take microseconds)."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
-    return max(1, min(2000, int(1e-3 / max(once, 1e-7))))
+    """Enough calls per timed sample to last ~1 ms (tiny tensors take microseconds); the median
+    of a few single calls, so one preempted call does not set it."""
+    once = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        once.append(time.perf_counter() - start)
+    return max(1, min(2000, int(1e-3 / max(statistics.median(once), 1e-7))))
 
 
 def _time(fn: Callable[[], object], calls: int) -> float:
@@ -288,7 +290,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quick", action="store_true", help="fewer, smaller cases (about 1 min)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow)")
-    p.add_argument("--reps", type=int, default=None, help="pairs per measurement (15; quick 9)")
+    p.add_argument("--reps", type=int, default=None, help="pairs per measurement (31; quick 15)")
     p.add_argument("--threads", type=int, default=None, help="torch (and numba) threads")
     p.add_argument(
         "--case",
@@ -312,7 +314,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise SystemExit("bnorm bench: --threads must be at least 1")
         torch.set_num_threads(args.threads)
-    reps = args.reps if args.reps is not None else (9 if args.quick else 15)
+    reps = args.reps if args.reps is not None else (15 if args.quick else 31)
     if reps < 1:
         raise SystemExit("bnorm bench: --reps must be at least 1")
     cases = args.case or (QUICK_CASES if args.quick else DEFAULT_CASES)

@@ -310,7 +310,7 @@ class _FusedTrainFunction(torch.autograd.Function):
     """Training-mode batch norm on the numba backend: one compiled call forward, one backward.
 
     The running statistics are updated inside the forward call (they carry no gradient). The
-    backward is :func:`bnorm.kernels.numba_cpu.train_backward`; a second derivative
+    backward is :func:`bnorm.kernels.numba_cpu.train_backward_grads`; a second derivative
     (``create_graph=True``) differentiates the same composite of torch ops as
     :class:`_BatchNormFunction`.
     """
@@ -336,13 +336,8 @@ class _FusedTrainFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             grads = _composite_grads(ctx, dy, x, weight, bias, mean, invstd)
         else:
-            dx, sum_dy, sum_dy_xmu = kernels.numba_cpu.train_backward(
-                dy, x, mean, invstd, weight, need_x
-            )
-            grads = (
-                dx,
-                (sum_dy_xmu * invstd).to(weight.dtype) if need_w else None,
-                sum_dy.to(bias.dtype) if need_b else None,
+            grads = kernels.numba_cpu.train_backward_grads(
+                dy, x, mean, invstd, weight, bias, (need_x, need_w, need_b)
             )
         return (*grads, None, None, None, None, None, None, None)
 

@@ -13,8 +13,9 @@ float64), lazily, on first use; ``cache=True`` keeps the machine code on disk fo
 processes. Small tensors run with ``nchunks == 1`` on a pool of one thread.
 
 Accumulation: sums are of ``x - k`` (``k`` one value per channel, near the data) in float64,
-per thread, and merged by adding the per-thread partial sums: with a common shift the partial
-sums add exactly as in one pass, and float64 keeps the rounding far below float32's resolution.
+per thread, and merged by adding the per-thread partial sums: with a common shift no
+correction term is needed (unlike merging means and variances), and float64 keeps the rounding
+far below float32's resolution.
 The elementwise loops compute in the data's dtype around the same kind of shift, so the large
 part of ``x - mean`` is subtracted exactly (Sterbenz) even when the mean is 1e5 standard
 deviations from zero.

@@ -3,9 +3,9 @@
 The four functions follow the contract of :mod:`bnorm.kernels` (statistics -> transform ->
 backward reductions -> backward elementwise) and the precision scheme of
 :mod:`bnorm.kernels.torch_ops`: statistics are float64 sums of ``x - k`` with ``k`` a sample of
-each channel, merged across threads by adding per-thread partial sums (same shift, so the merge
-is exact up to float64 rounding); every elementwise step subtracts ``k`` = the mean rounded to
-the compute dtype first, which is exact near the data.
+each channel, merged across threads by adding per-thread partial sums (same shift, so no
+correction term; float64 rounding only); every elementwise step subtracts ``k`` = the mean
+rounded to the compute dtype first, which is exact near the data.
 
 Each step is one pass over memory: statistics read x once; the transform reads x and writes y;
 the backward reductions read dy and x once; the input gradient reads dy and x and writes dx. So
@@ -293,7 +293,7 @@ def train_forward(
     dt = x.dtype
     y = _empty(x, dt)
     nbt = (
-        num_batches_tracked.detach().reshape(1).numpy()
+        num_batches_tracked.detach().numpy().reshape(1)  # a view: incremented in place
         if num_batches_tracked is not None and running_mean is not None
         else np.empty(0, dtype=np.int64)
     )
@@ -342,29 +342,56 @@ def eval_forward(
     return y if y.dtype == x_in.dtype else y.to(x_in.dtype)
 
 
-def train_backward(
-    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need_dx: bool
-) -> tuple[Tensor | None, Tensor, Tensor]:
-    """Backward of training-mode batch norm in one compiled call.
+def train_backward_grads(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of training-mode batch norm in one compiled call: ``(dx, dweight, dbias)``
+    (``None`` where not needed), the parameter gradients in the parameters' dtypes.
 
-    Returns ``(dx or None, sum_dy, sum_dy_xmu)``: ``dweight = sum_dy_xmu * invstd`` and
-    ``dbias = sum_dy``, and ``dx`` as in :func:`backward_elementwise`.
+    ``dweight = sum(dy * (x - mean)) * invstd`` and ``dbias = sum(dy)``; ``dx`` as in
+    :func:`backward_elementwise`.
     """
+    need_x, need_w, need_b = needs
+    dx, sum_dy, sum_dy_xmu = _train_backward_np(dy, x, mean, invstd, weight, need_x)
+    dweight = dbias = None
+    if need_w and weight is not None:
+        dweight = _to_dtype(sum_dy_xmu * invstd.numpy(), weight.dtype)
+    if need_b and bias is not None:
+        dbias = _to_dtype(sum_dy, bias.dtype)
+    return dx, dweight, dbias
+
+
+def _to_dtype(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+    if dtype == torch.float32:
+        return torch.from_numpy(a.astype(np.float32))
+    return torch.from_numpy(a).to(dtype)
+
+
+def _train_backward_np(
+    dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need_dx: bool
+) -> tuple[Tensor | None, np.ndarray, np.ndarray]:
     x_in = _layout(x)
     x = _compute(x_in)
     cl = _is_channels_last(x)
     dy = _compute(_like(dy, x))
     dt = x.dtype
-    dx = _empty(x, dt) if need_dx else torch.empty(0, dtype=dt)
+    xv = _view3(x, cl)
+    dx = _empty(x, dt) if need_dx else None
     sum_dy, sum_dy_xmu = loops.train_backward(
         _view3(dy, cl),
-        _view3(x, cl),
+        xv,
         _per_channel(mean, torch.float64),
         _per_channel(invstd, torch.float64),
         _per_channel(weight, dt),
-        _view3(dx, cl) if need_dx else np.empty((0, 0, 0), dtype=_view3(x, cl).dtype),
+        _view3(dx, cl) if dx is not None else np.empty((0, 0, 0), dtype=xv.dtype),
         _nchunks(x.numel()),
     )
-    if need_dx and dx.dtype != x_in.dtype:
+    if dx is not None and dx.dtype != x_in.dtype:
         dx = dx.to(x_in.dtype)
-    return (dx if need_dx else None), torch.from_numpy(sum_dy), torch.from_numpy(sum_dy_xmu)
+    return dx, sum_dy, sum_dy_xmu
