@@ -126,6 +126,7 @@ def test_each_rank_matches_single_process_batch_norm(exact, case):
 def test_subgroup_syncs_its_members_only(exact):
     # Needs a rank outside the group, so only the 3-process world runs it.
     world, results = exact
+    assert world == 3
     sizes = [3, 5, 4]
     per_rank = [res["subgroup"] for res in results]
     # ranks 0 and 1: batch norm over their two slices; rank 2 (not a member): its own slice.

@@ -44,9 +44,9 @@ from .modules import SyncBatchNorm as SyncBatchNorm
 from .modules import convert_sync_batchnorm as convert_sync_batchnorm
 from .modules.renorm import linear_ramp as linear_ramp
 from .tools import convert as convert
+from .tools import fold as fold
 from .tools import freeze as freeze
 from .tools import precise_bn as precise_bn
 from .tools import unfreeze as unfreeze
-from .tools import fold as fold
 
 __version__ = "0.1.0"

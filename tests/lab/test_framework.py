@@ -159,7 +159,8 @@ def test_cli_list_and_unknown_name(fake_registry, capsys):
 
 def test_spread_counts_missing_runs():
     assert spread([1.0, None, 3.0], "{:.0f}") == "2 [1–3] (1 of 3 never)"
-    assert spread([None]) == "–"
+    assert spread([None, None]) == "never (2 of 2)"
+    assert spread([]) == "–"
 
 
 def test_write_report_without_summaries_still_writes_page(fake_registry, tmp_path):

@@ -23,6 +23,7 @@ def _run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         out=Path(args.out),
         progress=not args.no_progress,
+        threads=args.threads,
     )
     width = max(len(r["name"]) for r in records)
     for r in records:
@@ -53,6 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--seeds", type=int, default=None, help="seeds per experiment")
     run.add_argument("--out", default="bnorm-out/lab", help="output directory (resumed)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     run.set_defaults(func=_run)
     report = sub.add_parser("report", help="recompute summaries and rebuild report.html")
     report.add_argument("dir", help="a directory written by `bnorm lab run`")

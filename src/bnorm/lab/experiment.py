@@ -81,7 +81,7 @@ def spread(values: Sequence[float | None], fmt: str = "{:.3f}") -> str:
     """``median [min–max]`` text of the values (None entries are counted as missing)."""
     kept = [float(v) for v in values if v is not None and v == v]
     if not kept:
-        return "–"
+        return f"never ({len(values)} of {len(values)})" if values else "–"
     mid, low, high = (fmt.format(v) for v in (statistics.median(kept), min(kept), max(kept)))
     text = f"{mid} [{low}–{high}]"
     missing = len(values) - len(kept)

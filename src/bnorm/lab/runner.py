@@ -147,6 +147,7 @@ def run_lab(
     seeds: int | None = None,
     out: Path = Path("bnorm-out/lab"),
     progress: bool = True,
+    threads: int | None = 1,
 ) -> list[JSON]:
     """Run the named experiments (``["all"]`` for every one), then write the report.
 
@@ -156,6 +157,10 @@ def run_lab(
         seeds: seeds per experiment; default each experiment's own (quick or full).
         out: output directory; an earlier run there is resumed.
         progress: show tqdm progress bars.
+        threads: torch's (and bnorm's kernels') thread count during the run; None keeps it.
+            One by default: the lab's models are small, so a second thread mostly waits, and
+            OpenMP threads spinning at barriers slow everything down badly when another
+            process (a second rank, a browser, a build) wants the same cores.
 
     Returns:
         The summary records, in order.
@@ -163,6 +168,8 @@ def run_lab(
     from .report import write_report
 
     out = Path(out)
+    if threads is not None:
+        torch.set_num_threads(threads)
     experiments = select(names)
     plan = []
     for exp in experiments:

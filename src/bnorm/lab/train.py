@@ -164,7 +164,7 @@ def fit(
                 value = float(total) / bd.world_size()
             else:
                 loss = loss_fn(net(x_train[idx]), y_train[idx])
-                value = float(loss)
+                value = float(loss.detach())
             if not math.isfinite(value):
                 history.diverged = True
                 history.steps.append(step + 1)
