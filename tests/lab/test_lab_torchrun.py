@@ -37,3 +37,37 @@ def test_fit_data_parallel_matches_one_process(tmp_path):
     np.testing.assert_allclose(two["running_var"], one["running_var"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
     np.testing.assert_allclose(two["test_acc"], one["test_acc"], atol=0.003)
+
+
+def test_lab_command_under_torchrun_writes_once_and_resumes(tmp_path):
+    """`torchrun --nproc-per-node 2 -m bnorm lab run ...`: rank 0 alone writes and prints, the
+    numbers match a one-process run, and a second run resumes (every rank skips the seed)."""
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
+    args = ["lab", "run", "sigmoid", "--quick", "--seeds", "1", "--no-progress"]
+    parallel, alone = tmp_path / "parallel", tmp_path / "alone"
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "bnorm", *args]
+    done = subprocess.run(
+        [*command, "--out", str(parallel)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("report:") == 1  # only rank 0 prints
+    assert json.loads((parallel / "lab.json").read_text())["world_size"] == 2
+    subprocess.run(
+        [sys.executable, "-m", "bnorm", *args, "--out", str(alone)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
+    two = json.loads((parallel / "sigmoid" / "summary.json").read_text())["numbers"]
+    one = json.loads((alone / "sigmoid" / "summary.json").read_text())["numbers"]
+    for variant in ("BN", "no BN"):
+        for depth, acc in one[variant]["median_final_by_depth"].items():
+            assert abs(two[variant]["median_final_by_depth"][depth] - acc) <= 0.01
+    seed_file = parallel / "sigmoid" / "seed-0.json"
+    before = seed_file.stat().st_mtime_ns
+    again = subprocess.run(
+        [*command, "--out", str(parallel)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert seed_file.stat().st_mtime_ns == before  # resumed, not retrained

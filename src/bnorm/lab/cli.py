@@ -15,8 +15,12 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .. import distributed as bd
     from .runner import run_lab
 
+    # Under torchrun: join the process group so the training loops run data-parallel
+    # (SyncBatchNorm + DDP) and only rank 0 writes and prints; otherwise nothing happens.
+    bd.init_from_env()
     records = run_lab(
         args.names,
         quick=args.quick,
@@ -25,6 +29,8 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         threads=args.threads,
     )
+    if not bd.is_main_process():
+        return 0
     width = max(len(r["name"]) for r in records)
     for r in records:
         print(f"{r['name']:{width}s}  {r['verdict']:13s}  {r['headline']}")
