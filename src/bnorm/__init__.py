@@ -2,18 +2,19 @@
 
 Public API (everything else is private):
 
-- layers: :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`
+- drop-in layers: :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`
 - functions: :mod:`bnorm.functional` (``batch_norm``)
-- the NumPy float64 specification: :mod:`bnorm.reference`
-- tools: :func:`convert`
+- the NumPy float64 specification: :mod:`bnorm.reference`, and of the remedies
+  :mod:`bnorm.reference_remedies`
 - remedies for batch norm's limitations: :class:`BatchRenorm1d`/``2d``/``3d`` (with
   :func:`linear_ramp`), :class:`GhostBatchNorm1d`/``2d``, :class:`RecurrentBatchNorm1d`,
-  :class:`BNLSTMCell`, :class:`BNLSTM`, :class:`FrozenBatchNorm1d`/``2d``/``3d`` with
-  :func:`freeze`/:func:`unfreeze`, :func:`precise_bn`, :class:`BatchNormAct1d`/``2d``; their
-  NumPy float64 specification: :mod:`bnorm.reference_remedies`
-- tools: :func:`fold` (batch norm merged into the preceding layer for inference)
-- errors and warnings: :mod:`bnorm.errors`
+  :class:`BNLSTMCell`, :class:`BNLSTM`, :class:`FrozenBatchNorm1d`/``2d``/``3d``,
+  :class:`BatchNormAct1d`/``2d``
 - data-parallel: :class:`SyncBatchNorm`, :func:`convert_sync_batchnorm`, :mod:`bnorm.distributed`
+- tools on whole models: :func:`convert`, :func:`fold`, :func:`freeze`/:func:`unfreeze`,
+  :func:`precise_bn`
+- errors and warnings: :mod:`bnorm.errors`
+- the lab (experiments, report): :mod:`bnorm.lab`, imported on demand (it needs the ``lab`` extra)
 """
 
 from . import distributed as distributed

@@ -1,4 +1,5 @@
-"""Tools that work on whole models: conversion between torch's and bnorm's layers."""
+"""Tools that work on whole models: convert (torch <-> bnorm layers), fold (BN into the
+preceding layer for inference), freeze/unfreeze (frozen BN), precise_bn (exact statistics)."""
 
 from .convert import convert as convert
 from .fold import fold as fold
