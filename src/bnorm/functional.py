@@ -298,7 +298,7 @@ def _fused_numba(
             on_nonfinite,
             layer,
         )
-    y, _mean, _invstd, finite = numba_cpu.train_forward(
+    y, _stats, finite = numba_cpu.train_forward(
         x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
     )
     if not finite and running_mean is not None:
@@ -310,7 +310,7 @@ class _FusedTrainFunction(torch.autograd.Function):
     """Training-mode batch norm on the numba backend: one compiled call forward, one backward.
 
     The running statistics are updated inside the forward call (they carry no gradient). The
-    backward is :func:`bnorm.kernels.numba_cpu.train_backward_grads`; a second derivative
+    backward is :func:`bnorm.kernels.numba_cpu.train_backward`; a second derivative
     (``create_graph=True``) differentiates the same composite of torch ops as
     :class:`_BatchNormFunction`.
     """
@@ -319,25 +319,24 @@ class _FusedTrainFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, x, weight, bias, running_mean, running_var, nbt, momentum, eps, on_nonfinite, layer
     ):
-        y, mean, invstd, finite = kernels.numba_cpu.train_forward(
+        y, stats, finite = kernels.numba_cpu.train_forward(
             x, weight, bias, running_mean, running_var, nbt, momentum, eps
         )
         if not finite and running_mean is not None:
             _report_nonfinite(layer, on_nonfinite, stacklevel=7)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.use_batch_stats = True
+        ctx.save_for_backward(x, weight, bias, stats)
         ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x, weight, bias, stats = ctx.saved_tensors
         if torch.is_grad_enabled():
-            grads = _composite_grads(ctx, dy, x, weight, bias, mean, invstd)
+            ctx.use_batch_stats = True
+            grads = _composite_grads(ctx, dy, x, weight, bias, stats[0], stats[1])
         else:
-            grads = kernels.numba_cpu.train_backward_grads(
-                dy, x, mean, invstd, weight, bias, (need_x, need_w, need_b)
+            grads = kernels.numba_cpu.train_backward(
+                dy, x, stats, weight, bias, tuple(ctx.needs_input_grad[:3])
             )
         return (*grads, None, None, None, None, None, None, None)
 

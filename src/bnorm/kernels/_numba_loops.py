@@ -1,348 +1,799 @@
-"""The compiled loops behind :mod:`bnorm.kernels.numba_cpu` (numba, multi-threaded, cached).
+r"""The compiled loops behind :mod:`bnorm.kernels.numba_cpu` (numba: multi-threaded, cached).
 
-Every loop sees its tensor as a C-contiguous 3D array ``(A, C, B)``:
+**Calling convention.** Every entry point takes raw addresses (``int``) and sizes, never NumPy
+arrays: turning a torch tensor into an array costs about a microsecond per tensor and numba's
+dispatch types each array argument, while ``tensor.data_ptr()`` and integer arguments cost a
+tenth of that. The entry point rebuilds typed arrays from the addresses (``carray``), so a
+kernel call costs well under two microseconds in Python. The caller guarantees that each
+address points at a live, dense buffer of the stated size and dtype; per-channel arguments may
+be 0 (absent) where the docstring says so. Entry points come in pairs, ``*_f32`` and ``*_f64``,
+for float32 and float64 data; per-channel parameters of the fused kernels have the data's
+dtype, while statistics, sums and the arguments of the four-step kernels are float64.
 
-- ``B > 1``: contiguous (N, C, \\*) data, ``A = N`` and ``B`` = the spatial size; a row
-  ``x[a, c, :]`` is one channel's contiguous run, so the threads split the ``A * C`` rows;
-- ``B == 1``: the channel is the innermost dimension ((N, C) contiguous, or channels_last data
-  permuted to (N, \\*, C)), ``A`` = every position; the threads split the ``A`` positions into
-  chunks and each chunk walks all channels in its inner loop (contiguous, vectorizable).
+**Shapes.** The data is seen as ``(A, C, B)``: contiguous ``(N, C, *)`` data has ``A = N`` and
+``B`` = the spatial size; channels_last data (and ``(N, C)``) has ``A`` = every position and
+``B = 1``. Two loop families cover them:
 
-One compiled function serves both shapes, so each kernel compiles once per dtype (float32 and
-float64), lazily, on first use; ``cache=True`` keeps the machine code on disk for later
-processes. Small tensors run with ``nchunks == 1`` on a pool of one thread.
+- *columns*, when the channel index varies fast (``B == 1``, or a short spatial run):
+  the flat data is cut into rows of ``W = q * C * B`` values (``q`` whole samples, enough for
+  ``W >= 64``), so every row holds the same sequence of channels; per-channel coefficients are
+  expanded to one per column and the inner loop over ``W`` is plain, unit-stride and
+  vectorized. Threads split the rows. The few samples that do not fill a row (the *tail*) are
+  done one value at a time.
+- *runs*, for contiguous data with long spatial runs: each ``x[a, c, :]`` is one channel's
+  contiguous run; threads split the ``A * C`` runs.
 
-Accumulation: sums are of ``x - k`` (``k`` one value per channel, near the data) in float64,
-per thread, and merged by adding the per-thread partial sums: with a common shift no
-correction term is needed (unlike merging means and variances), and float64 keeps the rounding
-far below float32's resolution.
-The elementwise loops compute in the data's dtype around the same kind of shift, so the large
-part of ``x - mean`` is subtracted exactly (Sterbenz) even when the mean is 1e5 standard
-deviations from zero.
+**Statistics** are float64 sums of ``x - k`` (``k`` = the first value of each channel, close to
+its data), merged across threads by adding the per-thread sums: with one shift for everybody no
+correction term is needed, and float64 keeps the rounding far below float32's resolution, so a
+mean 1e5 standard deviations away from zero costs no precision. The column loops read four rows
+per step so that each float64 accumulator is loaded and stored once per four rows.
+**Elementwise** loops compute in the data's dtype around ``k`` = the mean rounded to that dtype,
+so the large part of ``x - mean`` is subtracted exactly (Sterbenz) before anything is rounded.
+
+**Threads.** ``nthreads == 1`` runs the serial branch (no parallel region is launched: that
+costs a microsecond, more than a small tensor takes); otherwise the work is cut into
+``nthreads`` contiguous chunks, one per thread of numba's pool, whose size the caller sets
+(``numba.set_num_threads`` inside compiled code would make it uncacheable).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.extending import intrinsic
 
 # Reassociation lets LLVM vectorize the reductions; NaN/Inf must still propagate (the running
 # statistics' non-finite guard relies on it), so the no-NaN/no-Inf flags stay off.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 _OPTS = {"cache": True, "nogil": True, "fastmath": _FASTMATH}
+# Parallel loops are inlined into each entry point (``inline="always"``) so that no cached
+# function calls another parallel one: numba can crash when a cached caller loads a parallel
+# callee from its cache (numba issues #4807, #8578).
+_INLINE = {"inline": "always", **_OPTS}
+_PARALLEL = {"parallel": True, **_OPTS}
+
+#: the column family is used when the spatial run is shorter than this ...
+RUN_MIN = 64
+#: ... or when one sample (C * B values) is at most this wide
+COLUMN_MAX = 4096
+#: the column family's rows hold at least this many values (q whole samples)
+ROW_MIN = 64
+
+
+def _pointer(nbtype):
+    """An intrinsic that turns an integer address into a typed pointer (for ``carray``)."""
+
+    @intrinsic
+    def cast(typingctx, address):
+        ptr = types.CPointer(nbtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+        return ptr(address), codegen
+
+    return cast
+
+
+_f32 = _pointer(types.float32)
+_f64 = _pointer(types.float64)
+_i64 = _pointer(types.int64)
+
+
+# --- layout ------------------------------------------------------------------------------------
 
 
 @njit(**_OPTS)
-def _sums_rows(x, k, m0, m1, s1, s2):  # pragma: no cover - compiled
-    # channel-innermost rows [m0, m1): s1[c] += x - k, s2[c] += (x - k)^2
-    C = x.shape[1]
-    for m in range(m0, m1):
-        for c in range(C):
-            d = np.float64(x[m, c]) - k[c]
-            s1[c] += d
-            s2[c] += d * d
+def plan(A, C, B):
+    """``(W, rows)`` of the column family (``W = 0`` selects the runs family)."""
+    cb = C * B
+    if B == 1 or B < RUN_MIN or cb <= COLUMN_MAX:
+        q = max(1, min(A, (ROW_MIN + cb - 1) // cb))
+        return q * cb, (A * cb) // (q * cb)
+    return 0, 0
 
 
 @njit(**_OPTS)
-def _sums_run(x, a, c, k):  # pragma: no cover - compiled
-    # one contiguous run x[a, c, :] around k[c]
-    kc = k[c]
-    t1 = 0.0
-    t2 = 0.0
-    for i in range(x.shape[2]):
-        d = np.float64(x[a, c, i]) - kc
-        t1 += d
-        t2 += d * d
-    return t1, t2
+def _chunk(n, t, nthreads):
+    """Thread ``t``'s share ``[lo, hi)`` of ``n`` items."""
+    return n * t // nthreads, n * (t + 1) // nthreads
 
 
 @njit(**_OPTS)
-def _merge(p1, p2):  # pragma: no cover - compiled
-    # add the per-thread (or per-row) partial sums: same shift, so a plain sum merges them
-    n, C = p1.shape
-    s1 = np.zeros(C)
-    s2 = np.zeros(C)
-    for t in range(n):
-        for c in range(C):
-            s1[c] += p1[t, c]
-            s2[c] += p2[t, c]
-    return s1, s2
-
-
-@njit(inline="always", **_OPTS)
-def _shifted_sums(x, k, nchunks):  # pragma: no cover - compiled
-    """Per-channel ``(sum(x - k), sum((x - k)^2))`` in float64; ``k`` is float64 (C,)."""
-    A, C, B = x.shape
-    if B == 1:
-        x2 = x.reshape(A, C)  # 2D: the channel loop has unit stride
-        p1 = np.empty((nchunks, C))
-        p2 = np.empty((nchunks, C))
-        for t in prange(nchunks):
-            for c in range(C):
-                p1[t, c] = 0.0
-                p2[t, c] = 0.0
-            _sums_rows(x2, k, A * t // nchunks, A * (t + 1) // nchunks, p1[t], p2[t])
-        return _merge(p1, p2)
-    r1 = np.empty((A, C))
-    r2 = np.empty((A, C))
-    for r in prange(A * C):
-        a = r // C
-        c = r - a * C
-        t1, t2 = _sums_run(x, a, c, k)
-        r1[a, c] = t1
-        r2[a, c] = t2
-    return _merge(r1, r2)
-
-
-@njit(**_OPTS)
-def _dot_rows(dy, x, k, m0, m1, s1, s2):  # pragma: no cover - compiled
-    C = x.shape[1]
-    for m in range(m0, m1):
-        for c in range(C):
-            g = np.float64(dy[m, c])
-            s1[c] += g
-            s2[c] += g * (np.float64(x[m, c]) - k[c])
-
-
-@njit(**_OPTS)
-def _dot_run(dy, x, a, c, k):  # pragma: no cover - compiled
-    kc = k[c]
-    t1 = 0.0
-    t2 = 0.0
-    for i in range(x.shape[2]):
-        g = np.float64(dy[a, c, i])
-        t1 += g
-        t2 += g * (np.float64(x[a, c, i]) - kc)
-    return t1, t2
-
-
-@njit(inline="always", **_OPTS)
-def _grad_sums(dy, x, k, nchunks):  # pragma: no cover - compiled
-    """Per-channel ``(sum(dy), sum(dy * (x - k)))`` in float64; ``k`` is float64 (C,)."""
-    A, C, B = x.shape
-    if B == 1:
-        x2 = x.reshape(A, C)
-        dy2 = dy.reshape(A, C)
-        p1 = np.empty((nchunks, C))
-        p2 = np.empty((nchunks, C))
-        for t in prange(nchunks):
-            for c in range(C):
-                p1[t, c] = 0.0
-                p2[t, c] = 0.0
-            _dot_rows(dy2, x2, k, A * t // nchunks, A * (t + 1) // nchunks, p1[t], p2[t])
-        return _merge(p1, p2)
-    r1 = np.empty((A, C))
-    r2 = np.empty((A, C))
-    for r in prange(A * C):
-        a = r // C
-        c = r - a * C
-        t1, t2 = _dot_run(dy, x, a, c, k)
-        r1[a, c] = t1
-        r2[a, c] = t2
-    return _merge(r1, r2)
-
-
-@njit(**_OPTS)
-def _affine_rows(x, k, s, o, y, m0, m1):  # pragma: no cover - compiled
-    C = x.shape[1]
-    for m in range(m0, m1):
-        for c in range(C):
-            y[m, c] = (x[m, c] - k[c]) * s[c] + o[c]
-
-
-@njit(**_OPTS)
-def _affine_run(x, k, s, o, y, a, c):  # pragma: no cover - compiled
-    kc = k[c]
-    sc = s[c]
-    oc = o[c]
-    for i in range(x.shape[2]):
-        y[a, c, i] = (x[a, c, i] - kc) * sc + oc
-
-
-@njit(inline="always", **_OPTS)
-def _shifted_affine(x, k, s, o, y, nchunks):  # pragma: no cover - compiled
-    """``y = (x - k) * s + o`` per channel, in x's dtype (k, s, o of x's dtype, shape (C,))."""
-    A, C, B = x.shape
-    if B == 1:
-        x2 = x.reshape(A, C)
-        y2 = y.reshape(A, C)
-        for t in prange(nchunks):
-            _affine_rows(x2, k, s, o, y2, A * t // nchunks, A * (t + 1) // nchunks)
-    else:
-        for r in prange(A * C):
-            a = r // C
-            _affine_run(x, k, s, o, y, a, r - a * C)
-
-
-@njit(**_OPTS)
-def _grad_rows(dy, x, k, ga, gb, gc, dx, m0, m1):  # pragma: no cover - compiled
-    C = x.shape[1]
-    for m in range(m0, m1):
-        for c in range(C):
-            dx[m, c] = ga[c] * dy[m, c] + gb[c] * (x[m, c] - k[c]) + gc[c]
-
-
-@njit(**_OPTS)
-def _grad_run(dy, x, k, ga, gb, gc, dx, a, c):  # pragma: no cover - compiled
-    kc = k[c]
-    ac = ga[c]
-    bc = gb[c]
-    cc = gc[c]
-    for i in range(x.shape[2]):
-        dx[a, c, i] = ac * dy[a, c, i] + bc * (x[a, c, i] - kc) + cc
-
-
-@njit(inline="always", **_OPTS)
-def _input_grad(dy, x, k, ga, gb, gc, dx, nchunks):  # pragma: no cover - compiled
-    """``dx = ga * dy + gb * (x - k) + gc`` per channel, in x's dtype."""
-    A, C, B = x.shape
-    if B == 1:
-        x2 = x.reshape(A, C)
-        dy2 = dy.reshape(A, C)
-        dx2 = dx.reshape(A, C)
-        for t in prange(nchunks):
-            _grad_rows(dy2, x2, k, ga, gb, gc, dx2, A * t // nchunks, A * (t + 1) // nchunks)
-    else:
-        for r in prange(A * C):
-            a = r // C
-            _grad_run(dy, x, k, ga, gb, gc, dx, a, r - a * C)
-
-
-@njit(parallel=True, **_OPTS)
-def start_pool(n):  # pragma: no cover - compiled
-    """A trivial parallel loop: its first launch starts numba's thread pool."""
-    out = np.empty(n)
-    for i in prange(n):
-        out[i] = i
+def _expand(v, W, C, B):
+    """One value per column: ``out[j] = v[(j // B) % C]``."""
+    out = np.empty(W, v.dtype)
+    for j in range(W):
+        out[j] = v[(j // B) % C]
     return out
 
 
-# --- entry points ------------------------------------------------------------------------------
-# The parallel loops above are inlined (``inline="always"``) into each entry point, so no
-# cached function calls another parallel one: numba can segfault when a cached caller loads
-# a parallel callee from its cache (numba issues #4807, #8578).
+@njit(**_OPTS)
+def _zeros(shape):
+    # a separate (serial) function: inside a parallel=True one, np.zeros becomes a parallel
+    # loop, and launching one costs more than zeroing a few per-channel values
+    return np.zeros(shape)
 
 
-@njit(parallel=True, **_OPTS)
-def shifted_sums(x, k, nchunks):  # pragma: no cover - compiled
-    """Per-channel ``(sum(x - k), sum((x - k)^2))`` in float64; ``k`` is float64 (C,)."""
-    return _shifted_sums(x, k, nchunks)
+@njit(**_OPTS)
+def _rounded(v, like):
+    """``v`` rounded to ``like``'s dtype."""
+    out = np.empty(v.shape[0], like.dtype)
+    for c in range(v.shape[0]):
+        out[c] = v[c]
+    return out
 
 
-@njit(parallel=True, **_OPTS)
-def grad_sums(dy, x, k, nchunks):  # pragma: no cover - compiled
-    """Per-channel ``(sum(dy), sum(dy * (x - k)))`` in float64; ``k`` is float64 (C,)."""
-    return _grad_sums(dy, x, k, nchunks)
+# --- statistics: sums of (x - k) and (x - k)^2 --------------------------------------------------
+# Columns: blocks of BLOCK_ROWS rows are summed in the data's dtype (vectorized, as fast as
+# reading memory), each block's sums then added in float64. This is precise because k is close
+# to the data: the mean of the channel's first values, and the statistics are taken again
+# around the mean when the result says it was not (see _batch_stats). Runs: float64 all along
+# (a run's sums live in registers, so float64 costs nothing there).
+
+#: rows per block of the column family's sums before they move to float64
+BLOCK_ROWS = 16
+#: values per channel averaged for the column family's shift
+PILOT = 16
 
 
-@njit(parallel=True, **_OPTS)
-def shifted_affine(x, k, s, o, y, nchunks):  # pragma: no cover - compiled
-    """``y = (x - k) * s + o`` per channel, in x's dtype (k, s, o of x's dtype, shape (C,))."""
-    _shifted_affine(x, k, s, o, y, nchunks)
+@njit(**_OPTS)
+def _shift(x1, A, C, B, W):
+    """The shift ``k`` of the statistics, (C,) in the data's dtype: the channel's first value
+    (runs) or the mean of its first values of ``PILOT`` samples (columns)."""
+    k = np.empty(C, x1.dtype)
+    if W == 0:
+        for c in range(C):
+            k[c] = x1[c * B]
+    else:
+        p = min(A, PILOT)
+        for c in range(C):
+            acc = 0.0
+            for a in range(p):
+                acc += np.float64(x1[(a * C + c) * B])
+            k[c] = acc / p
+    return k
 
 
-@njit(parallel=True, **_OPTS)
-def input_grad(dy, x, k, ga, gb, gc, dx, nchunks):  # pragma: no cover - compiled
-    """``dx = ga * dy + gb * (x - k) + gc`` per channel, in x's dtype."""
-    _input_grad(dy, x, k, ga, gb, gc, dx, nchunks)
+@njit(**_OPTS)
+def _col_sums(x2, kcol, r0, r1, p1, p2):
+    W = x2.shape[1]
+    a1 = np.empty(W, x2.dtype)
+    a2 = np.empty(W, x2.dtype)
+    m = r0
+    while m < r1:
+        e = min(m + BLOCK_ROWS, r1)
+        for j in range(W):
+            a1[j] = 0
+            a2[j] = 0
+        for i in range(m, e):
+            for j in range(W):
+                d = x2[i, j] - kcol[j]
+                a1[j] += d
+                a2[j] += d * d
+        for j in range(W):
+            p1[j] += a1[j]
+            p2[j] += a2[j]
+        m = e
 
 
-# --- fused steps: one call per forward or backward, per-channel math included ----------------
-# Optional per-channel arrays (weight, bias, running statistics, the batch counter) come as
-# length-0 arrays when absent: one compiled signature serves every combination.
+@njit(**_OPTS)
+def _run_sums(x3, k, r0, r1, o1, o2):
+    C = x3.shape[1]
+    for r in range(r0, r1):
+        a = r // C
+        c = r - a * C
+        xr = x3[a, c]
+        kc = np.float64(k[c])
+        t1 = 0.0
+        t2 = 0.0
+        for i in range(xr.shape[0]):
+            d = np.float64(xr[i]) - kc
+            t1 += d
+            t2 += d * d
+        o1[a, c] = t1
+        o2[a, c] = t2
 
 
-@njit(parallel=True, **_OPTS)
-def train_forward(x, w, b, rm, rv, nbt, momentum, cumulative, eps, y, nchunks):  # pragma: no cover
-    """Batch statistics, the running-statistics update and ``y``, in one call.
+@njit(**_OPTS)
+def _sums_part(x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2):
+    """Thread ``t``'s share of the statistics pass."""
+    if W > 0:
+        lo, hi = _chunk(rows, t, nthreads)
+        _col_sums(x1[: rows * W].reshape(rows, W), kcol, lo, hi, p1[t], p2[t])
+    else:
+        lo, hi = _chunk(A * C, t, nthreads)
+        _run_sums(x1.reshape(A, C, B), k, lo, hi, o1, o2)
 
-    Returns ``(mean, invstd, finite)`` (float64, float64, bool). ``cumulative`` is PyTorch's
-    ``momentum=None``: the rate is ``1 / (nbt + 1)``. A non-finite batch leaves ``rm``, ``rv`` and
-    ``nbt`` untouched (the caller warns or raises) and still produces ``y``.
+
+@njit(**_OPTS)
+def _fold(x1, g1, A, C, B, W, rows, k, p1, p2, o1, o2, dots):
+    """Per-channel float64 sums from the threads' column sums (and the tail) or the runs'."""
+    s1 = np.zeros(C)
+    s2 = np.zeros(C)
+    if W > 0:
+        for t in range(p1.shape[0]):
+            for j in range(W):
+                c = (j // B) % C
+                s1[c] += p1[t, j]
+                s2[c] += p2[t, j]
+        # the tail starts at a sample boundary, so value i belongs to channel (i // B) % C
+        n = rows * W
+        for i in range(x1.shape[0] - n):
+            c = (i // B) % C
+            d = np.float64(x1[n + i]) - np.float64(k[c])
+            if dots:
+                g = np.float64(g1[n + i])
+                s1[c] += g
+                s2[c] += g * d
+            else:
+                s1[c] += d
+                s2[c] += d * d
+    else:
+        for a in range(A):
+            for c in range(C):
+                s1[c] += o1[a, c]
+                s2[c] += o2[a, c]
+    return s1, s2
+
+
+@njit(**_INLINE)
+def _sums(x1, A, C, B, k, nthreads):
+    """Per-channel float64 ``(sum(x - k), sum((x - k)^2))``; ``k`` is (C,) in x's dtype."""
+    W, rows = plan(A, C, B)
+    kcol = _expand(k, W, C, B)
+    p1 = _zeros((nthreads, W))
+    p2 = _zeros((nthreads, W))
+    o1 = _zeros((A if W == 0 else 0, C))
+    o2 = _zeros((A if W == 0 else 0, C))
+    if nthreads == 1:
+        _sums_part(x1, A, C, B, W, rows, k, kcol, 0, 1, p1, p2, o1, o2)
+    else:
+        for t in prange(nthreads):
+            _sums_part(x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2)
+    return _fold(x1, x1, A, C, B, W, rows, k, p1, p2, o1, o2, False)
+
+
+@njit(**_OPTS)
+def _far(mean, var, k):
+    """Whether some channel's shift was more than 3 standard deviations from its mean."""
+    for c in range(mean.shape[0]):
+        d = mean[c] - np.float64(k[c])
+        if d * d > 9.0 * var[c]:
+            return True
+    return False
+
+
+@njit(**_INLINE)
+def _batch_stats(x1, A, C, B, nthreads):
+    """Per-channel float64 mean and biased variance, and whether all are finite.
+
+    The column family sums in the data's dtype around ``k``, which is precise only while
+    ``k`` is near the mean (the rounding of ``(x - k)^2`` grows with ``(mean - k)^2``); if the
+    pilot shift was more than 3 standard deviations off, the sums are taken again around the
+    mean itself (one more read of x, in rare cases only).
     """
-    A, C, B = x.shape
-    n = A * B
-    k = np.empty(C)
-    for c in range(C):
-        k[c] = x[0, c, 0]
-    s1, s2 = _shifted_sums(x, k, nchunks)
+    W, _rows = plan(A, C, B)
+    k = _shift(x1, A, C, B, W)
+    mean = np.empty(C)
+    var = np.empty(C)
+    finite = True
+    for attempt in range(2):
+        s1, s2 = _sums(x1, A, C, B, k, nthreads)
+        mean, var, finite = _mean_var(s1, s2, k, A * B)
+        if attempt == 1 or W == 0 or not finite or not _far(mean, var, k):
+            break
+        k = _rounded(mean, x1)
+    return mean, var, finite
+
+
+# --- backward sums: sum(dy) and sum(dy * (x - k)), k = the mean rounded to x's dtype ------------
+
+
+@njit(**_OPTS)
+def _col_dots(g2, x2, kcol, r0, r1, p1, p2):
+    W = x2.shape[1]
+    a1 = np.empty(W, x2.dtype)
+    a2 = np.empty(W, x2.dtype)
+    m = r0
+    while m < r1:
+        e = min(m + BLOCK_ROWS, r1)
+        for j in range(W):
+            a1[j] = 0
+            a2[j] = 0
+        for i in range(m, e):
+            for j in range(W):
+                g = g2[i, j]
+                a1[j] += g
+                a2[j] += g * (x2[i, j] - kcol[j])
+        for j in range(W):
+            p1[j] += a1[j]
+            p2[j] += a2[j]
+        m = e
+
+
+@njit(**_OPTS)
+def _run_dots(g3, x3, k, r0, r1, o1, o2):
+    C = x3.shape[1]
+    for r in range(r0, r1):
+        a = r // C
+        c = r - a * C
+        gr = g3[a, c]
+        xr = x3[a, c]
+        kc = np.float64(k[c])
+        t1 = 0.0
+        t2 = 0.0
+        for i in range(xr.shape[0]):
+            g = np.float64(gr[i])
+            t1 += g
+            t2 += g * (np.float64(xr[i]) - kc)
+        o1[a, c] = t1
+        o2[a, c] = t2
+
+
+@njit(**_OPTS)
+def _dots_part(g1, x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2):
+    """Thread ``t``'s share of the backward reductions."""
+    if W > 0:
+        lo, hi = _chunk(rows, t, nthreads)
+        n = rows * W
+        _col_dots(g1[:n].reshape(rows, W), x1[:n].reshape(rows, W), kcol, lo, hi, p1[t], p2[t])
+    else:
+        lo, hi = _chunk(A * C, t, nthreads)
+        _run_dots(g1.reshape(A, C, B), x1.reshape(A, C, B), k, lo, hi, o1, o2)
+
+
+@njit(**_INLINE)
+def _dots(g1, x1, A, C, B, mean, nthreads):
+    """Per-channel float64 ``(sum(dy), sum(dy * (x - mean)))`` for a float64 ``mean``."""
+    W, rows = plan(A, C, B)
+    k = _rounded(mean, x1)  # near the data, x - k is exact in x's dtype
+    kcol = _expand(k, W, C, B)
+    p1 = _zeros((nthreads, W))
+    p2 = _zeros((nthreads, W))
+    o1 = _zeros((A if W == 0 else 0, C))
+    o2 = _zeros((A if W == 0 else 0, C))
+    if nthreads == 1:
+        _dots_part(g1, x1, A, C, B, W, rows, k, kcol, 0, 1, p1, p2, o1, o2)
+    else:
+        for t in prange(nthreads):
+            _dots_part(g1, x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2)
+    s1, s2 = _fold(x1, g1, A, C, B, W, rows, k, p1, p2, o1, o2, True)
+    for c in range(C):  # sum(dy * (x - mean)) = sum(dy * (x - k)) - (mean - k) * sum(dy)
+        s2[c] -= (mean[c] - np.float64(k[c])) * s1[c]
+    return s1, s2
+
+
+# --- elementwise: y = (x - k) * s + o  and  dx = a * dy + b * (x - k) + c ---------------------
+
+
+@njit(**_OPTS)
+def _col_affine(x2, kc, sc, oc, y2, r0, r1):
+    W = x2.shape[1]
+    for m in range(r0, r1):
+        for j in range(W):
+            y2[m, j] = (x2[m, j] - kc[j]) * sc[j] + oc[j]
+
+
+@njit(**_OPTS)
+def _run_affine(x3, k, s, o, y3, r0, r1):
+    C = x3.shape[1]
+    for r in range(r0, r1):
+        a = r // C
+        c = r - a * C
+        xr = x3[a, c]
+        yr = y3[a, c]
+        kc = k[c]
+        sc = s[c]
+        oc = o[c]
+        for i in range(xr.shape[0]):
+            yr[i] = (xr[i] - kc) * sc + oc
+
+
+@njit(**_OPTS)
+def _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, t, nthreads):
+    """Thread ``t``'s share of ``y = (x - k) * s + o`` (the last thread also does the tail)."""
+    if W > 0:
+        lo, hi = _chunk(rows, t, nthreads)
+        n = rows * W
+        _col_affine(x1[:n].reshape(rows, W), kc, sc, oc, y1[:n].reshape(rows, W), lo, hi)
+        if t == nthreads - 1:
+            for i in range(x1.shape[0] - n):
+                c = (i // B) % C
+                y1[n + i] = (x1[n + i] - k[c]) * s[c] + o[c]
+    else:
+        lo, hi = _chunk(A * C, t, nthreads)
+        _run_affine(x1.reshape(A, C, B), k, s, o, y1.reshape(A, C, B), lo, hi)
+
+
+@njit(**_INLINE)
+def _affine(x1, A, C, B, k, s, o, y1, nthreads):
+    """``y = (x - k) * s + o`` per channel; ``k, s, o`` are (C,) arrays of the data's dtype."""
+    W, rows = plan(A, C, B)
+    kc = _expand(k, W, C, B)
+    sc = _expand(s, W, C, B)
+    oc = _expand(o, W, C, B)
+    if nthreads == 1:
+        _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, 0, 1)
+    else:
+        for t in prange(nthreads):
+            _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, t, nthreads)
+
+
+@njit(**_OPTS)
+def _col_grad(g2, x2, kc, ac, bc, cc, d2, r0, r1):
+    W = x2.shape[1]
+    for m in range(r0, r1):
+        for j in range(W):
+            d2[m, j] = ac[j] * g2[m, j] + bc[j] * (x2[m, j] - kc[j]) + cc[j]
+
+
+@njit(**_OPTS)
+def _run_grad(g3, x3, k, a, b, c_, d3, r0, r1):
+    C = x3.shape[1]
+    for r in range(r0, r1):
+        i_a = r // C
+        c = r - i_a * C
+        gr = g3[i_a, c]
+        xr = x3[i_a, c]
+        dr = d3[i_a, c]
+        kc = k[c]
+        ac = a[c]
+        bc = b[c]
+        cc = c_[c]
+        for i in range(xr.shape[0]):
+            dr[i] = ac * gr[i] + bc * (xr[i] - kc) + cc
+
+
+@njit(**_OPTS)
+def _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, t, nthreads):
+    """Thread ``t``'s share of ``dx = a * dy + b * (x - k) + c`` (``co``: the (4, C)
+    coefficients k, a, b, c; ``cols``: the same expanded to (4, W))."""
+    if W > 0:
+        lo, hi = _chunk(rows, t, nthreads)
+        n = rows * W
+        _col_grad(
+            g1[:n].reshape(rows, W), x1[:n].reshape(rows, W),
+            cols[0], cols[1], cols[2], cols[3], d1[:n].reshape(rows, W), lo, hi,
+        )  # fmt: skip
+        if t == nthreads - 1:
+            for i in range(x1.shape[0] - n):
+                c = (i // B) % C
+                d1[n + i] = co[1, c] * g1[n + i] + co[2, c] * (x1[n + i] - co[0, c]) + co[3, c]
+    else:
+        lo, hi = _chunk(A * C, t, nthreads)
+        _run_grad(
+            g1.reshape(A, C, B), x1.reshape(A, C, B), co[0], co[1], co[2], co[3],
+            d1.reshape(A, C, B), lo, hi,
+        )  # fmt: skip
+
+
+@njit(**_OPTS)
+def _expand_rows(co, W, C, B):
+    out = np.empty((co.shape[0], W), co.dtype)
+    for r in range(co.shape[0]):
+        for j in range(W):
+            out[r, j] = co[r, (j // B) % C]
+    return out
+
+
+@njit(**_INLINE)
+def _grad(g1, x1, A, C, B, co, d1, nthreads):
+    """``dx = a * dy + b * (x - k) + c`` per channel, ``co`` = (4, C) rows k, a, b, c."""
+    W, rows = plan(A, C, B)
+    cols = _expand_rows(co, W, C, B)
+    if nthreads == 1:
+        _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, 0, 1)
+    else:
+        for t in prange(nthreads):
+            _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, t, nthreads)
+
+
+# --- per-channel math (serial: C values) --------------------------------------------------------
+
+
+@njit(**_OPTS)
+def _mean_var(s1, s2, k, n):
+    """Mean and biased variance from the shifted sums; ``finite`` is False if any is NaN/Inf."""
+    C = s1.shape[0]
     mean = np.empty(C)
     var = np.empty(C)
     finite = True
     for c in range(C):
         d = s1[c] / n
-        mean[c] = k[c] + d
+        mean[c] = np.float64(k[c]) + d
         var[c] = max(s2[c] / n - d * d, 0.0)
         if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
             finite = False
-    if finite and rm.size > 0:
-        rate = 1.0 / (nbt[0] + 1) if cumulative and nbt.size > 0 else momentum
-        unbias = n / (n - 1)
-        for c in range(C):
-            rm[c] = (1.0 - rate) * np.float64(rm[c]) + rate * mean[c]
-            rv[c] = (1.0 - rate) * np.float64(rv[c]) + rate * var[c] * unbias
-        if nbt.size > 0:
-            nbt[0] += 1
-    invstd = np.empty(C)
-    for c in range(C):
-        invstd[c] = 1.0 / np.sqrt(var[c] + eps)
-    _affine_from_stats(x, mean, invstd, w, b, y, nchunks)
-    return mean, invstd, finite
+    return mean, var, finite
 
 
 @njit(**_OPTS)
-def _coefficients(x, mean, invstd, w, b):  # pragma: no cover - compiled
-    # y = (x - k) * s + o with k = mean in x's dtype: the large part of x - mean is exact
-    C = x.shape[1]
-    k = np.empty(C, x.dtype)
-    s = np.empty(C, x.dtype)
-    o = np.empty(C, x.dtype)
+def _coefficients(mean, invstd, w, b, has_w, has_b, like):
+    """``(k, s, o)`` in ``like``'s dtype with ``y = (x - k) * s + o`` equal to
+    ``(x - mean) * invstd * w + b``: ``k`` is the mean rounded, ``o`` absorbs the rounding."""
+    C = mean.shape[0]
+    k = np.empty(C, like.dtype)
+    s = np.empty(C, like.dtype)
+    o = np.empty(C, like.dtype)
     for c in range(C):
         k[c] = mean[c]
-        scale = invstd[c] * (np.float64(w[c]) if w.size > 0 else 1.0)
+        scale = invstd[c] * (np.float64(w[c]) if has_w else 1.0)
         s[c] = scale
-        o[c] = (np.float64(b[c]) if b.size > 0 else 0.0) - (mean[c] - np.float64(k[c])) * scale
+        o[c] = (np.float64(b[c]) if has_b else 0.0) - (mean[c] - np.float64(k[c])) * scale
     return k, s, o
 
 
-@njit(inline="always", **_OPTS)
-def _affine_from_stats(x, mean, invstd, w, b, y, nchunks):  # pragma: no cover - compiled
-    k, s, o = _coefficients(x, mean, invstd, w, b)
-    _shifted_affine(x, k, s, o, y, nchunks)
+@njit(**_OPTS)
+def _grad_coefficients(mean, invstd, w, has_w, sum_dy, sum_dy_xmu, n, like):
+    """Rows ``k, a, b, c`` of a (4, C) array in ``like``'s dtype with
+    ``dx = a*dy + b*(x - k) + c`` the input gradient of training-mode batch norm:
+    ``a = w*invstd``, ``b = -a*invstd^2*sum(dy*(x-mean))/n``, ``c = -a*sum(dy)/n`` (moved by
+    ``b * (mean - k)`` since ``k`` is the mean rounded to the data's dtype)."""
+    C = mean.shape[0]
+    co = np.empty((4, C), like.dtype)
+    for c in range(C):
+        k = co.dtype.type(mean[c])
+        ac = (np.float64(w[c]) if has_w else 1.0) * invstd[c]
+        bc = -ac * invstd[c] * invstd[c] * sum_dy_xmu[c] / n
+        co[0, c] = k
+        co[1, c] = ac
+        co[2, c] = bc
+        co[3, c] = -ac * sum_dy[c] / n - bc * (mean[c] - np.float64(k))
+    return co
 
 
-@njit(parallel=True, **_OPTS)
-def eval_forward(x, rm, rv, w, b, eps, y, nchunks):  # pragma: no cover - compiled
-    """``y = (x - rm) / sqrt(rv + eps) * w + b`` in one call (evaluation mode)."""
-    C = x.shape[1]
+# --- the kernels, generic over the data's dtype -------------------------------------------------
+
+
+@njit(**_INLINE)
+def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, stats, nthreads):
+    has_w = (flags & 1) != 0
+    has_b = (flags & 2) != 0
+    has_running = (flags & 4) != 0
+    has_nbt = (flags & 8) != 0
+    cumulative = (flags & 16) != 0
+    n = A * B
+    mean, var, finite = _batch_stats(x1, A, C, B, nthreads)
+    if finite and has_running:
+        rate = 1.0 / (nbt[0] + 1) if cumulative and has_nbt else momentum
+        unbias = n / (n - 1) if n > 1 else 1.0
+        for c in range(C):
+            rm[c] = (1.0 - rate) * np.float64(rm[c]) + rate * mean[c]
+            rv[c] = (1.0 - rate) * np.float64(rv[c]) + rate * var[c] * unbias
+        if has_nbt:
+            nbt[0] += 1
+    for c in range(C):
+        stats[0, c] = mean[c]
+        stats[1, c] = 1.0 / np.sqrt(var[c] + eps)
+    kk, s, o = _coefficients(stats[0], stats[1], w, b, has_w, has_b, x1)
+    _affine(x1, A, C, B, kk, s, o, y1, nthreads)
+    return finite
+
+
+@njit(**_INLINE)
+def _eval_forward(x1, y1, A, C, B, rm, rv, w, b, flags, eps, nthreads):
     mean = np.empty(C)
     invstd = np.empty(C)
     for c in range(C):
         mean[c] = rm[c]
         invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
-    _affine_from_stats(x, mean, invstd, w, b, y, nchunks)
+    kk, s, o = _coefficients(mean, invstd, w, b, (flags & 1) != 0, (flags & 2) != 0, x1)
+    _affine(x1, A, C, B, kk, s, o, y1, nthreads)
 
 
-@njit(parallel=True, **_OPTS)
-def train_backward(dy, x, mean, invstd, w, dx, nchunks):  # pragma: no cover - compiled
-    """Both backward reductions and (if ``dx.size``) the input gradient, in one call.
-
-    Returns ``(sum_dy, sum_dy_xmu)`` in float64.
-    """
-    A, C, B = x.shape
-    n = A * B
-    sum_dy, sum_dy_xmu = _grad_sums(dy, x, mean, nchunks)
-    if dx.size > 0:
-        k = np.empty(C, x.dtype)
-        ga = np.empty(C, x.dtype)
-        gb = np.empty(C, x.dtype)
-        gc = np.empty(C, x.dtype)
+@njit(**_INLINE)
+def _train_backward(g1, x1, A, C, B, stats, w, flags, d1, dw, db, nthreads):
+    has_w = (flags & 1) != 0
+    mean = stats[0]
+    invstd = stats[1]
+    sum_dy, sum_dy_xmu = _dots(g1, x1, A, C, B, mean, nthreads)
+    if (flags & 2) != 0:  # dweight
         for c in range(C):
-            k[c] = mean[c]
-            a = (np.float64(w[c]) if w.size > 0 else 1.0) * invstd[c]
-            bb = -a * invstd[c] * invstd[c] * sum_dy_xmu[c] / n
-            ga[c] = a
-            gb[c] = bb
-            gc[c] = -a * sum_dy[c] / n - bb * (mean[c] - np.float64(k[c]))
-        _input_grad(dy, x, k, ga, gb, gc, dx, nchunks)
-    return sum_dy, sum_dy_xmu
+            dw[c] = sum_dy_xmu[c] * invstd[c]
+    if (flags & 4) != 0:  # dbias
+        for c in range(C):
+            db[c] = sum_dy[c]
+    if (flags & 8) != 0:  # dx
+        co = _grad_coefficients(mean, invstd, w, has_w, sum_dy, sum_dy_xmu, A * B, x1)
+        _grad(g1, x1, A, C, B, co, d1, nthreads)
+
+
+# --- entry points --------------------------------------------------------------------------------
+# flags of train_forward: 1 weight, 2 bias, 4 running statistics, 8 num_batches_tracked,
+# 16 cumulative average (momentum=None); of eval_forward: 1 weight, 2 bias; of train_backward:
+# 1 weight, 2 want dweight, 4 want dbias, 8 want dx.
+
+
+@njit(**_PARALLEL)
+def train_forward_f32(
+    px, py, A, C, B, pw, pb, prm, prv, pnbt, flags, momentum, eps, pstats, nthreads
+):
+    """Training forward: statistics, running-statistics update, ``y``; returns ``finite``.
+
+    ``stats`` (float64, (2, C)) receives the batch mean and ``1/sqrt(var + eps)``. A non-finite
+    batch leaves the running statistics and the counter untouched (the caller warns or raises).
+    """
+    n = A * C * B
+    return _train_forward(
+        carray(_f32(px), n), carray(_f32(py), n), A, C, B,
+        carray(_f32(pw), C), carray(_f32(pb), C), carray(_f32(prm), C), carray(_f32(prv), C),
+        carray(_i64(pnbt), 1), flags, momentum, eps, carray(_f64(pstats), (2, C)), nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def train_forward_f64(
+    px, py, A, C, B, pw, pb, prm, prv, pnbt, flags, momentum, eps, pstats, nthreads
+):
+    """:func:`train_forward_f32` for float64 data."""
+    n = A * C * B
+    return _train_forward(
+        carray(_f64(px), n), carray(_f64(py), n), A, C, B,
+        carray(_f64(pw), C), carray(_f64(pb), C), carray(_f64(prm), C), carray(_f64(prv), C),
+        carray(_i64(pnbt), 1), flags, momentum, eps, carray(_f64(pstats), (2, C)), nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def eval_forward_f32(px, py, A, C, B, prm, prv, pw, pb, flags, eps, nthreads):
+    """``y = (x - running_mean) / sqrt(running_var + eps) * w + b`` in one pass."""
+    n = A * C * B
+    _eval_forward(
+        carray(_f32(px), n), carray(_f32(py), n), A, C, B, carray(_f32(prm), C),
+        carray(_f32(prv), C), carray(_f32(pw), C), carray(_f32(pb), C), flags, eps, nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def eval_forward_f64(px, py, A, C, B, prm, prv, pw, pb, flags, eps, nthreads):
+    """:func:`eval_forward_f32` for float64 data."""
+    n = A * C * B
+    _eval_forward(
+        carray(_f64(px), n), carray(_f64(py), n), A, C, B, carray(_f64(prm), C),
+        carray(_f64(prv), C), carray(_f64(pw), C), carray(_f64(pb), C), flags, eps, nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def train_backward_f32(pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthreads):
+    """Backward of training-mode batch norm: both reductions, then ``dx`` (if asked), in one
+    call; ``dweight``/``dbias`` are written in the data's dtype."""
+    n = A * C * B
+    _train_backward(
+        carray(_f32(pdy), n), carray(_f32(px), n), A, C, B, carray(_f64(pstats), (2, C)),
+        carray(_f32(pw), C), flags, carray(_f32(pdx), n), carray(_f32(pdw), C),
+        carray(_f32(pdb), C), nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def train_backward_f64(pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthreads):
+    """:func:`train_backward_f32` for float64 data."""
+    n = A * C * B
+    _train_backward(
+        carray(_f64(pdy), n), carray(_f64(px), n), A, C, B, carray(_f64(pstats), (2, C)),
+        carray(_f64(pw), C), flags, carray(_f64(pdx), n), carray(_f64(pdw), C),
+        carray(_f64(pdb), C), nthreads,
+    )  # fmt: skip
+
+
+# The four steps one by one (SyncBatchNorm and the remedies call them with collectives or their
+# own math in between). Per-channel inputs and outputs are float64 (C,) or (2, C) buffers.
+
+
+@njit(**_INLINE)
+def _statistics(x1, A, C, B, out, nthreads):
+    mean, var, _finite = _batch_stats(x1, A, C, B, nthreads)
+    for c in range(C):
+        out[0, c] = mean[c]
+        out[1, c] = var[c]
+
+
+@njit(**_PARALLEL)
+def statistics_f32(px, A, C, B, pout, nthreads):
+    """Per-channel mean and biased variance into ``out`` (float64, (2, C))."""
+    _statistics(carray(_f32(px), A * C * B), A, C, B, carray(_f64(pout), (2, C)), nthreads)
+
+
+@njit(**_PARALLEL)
+def statistics_f64(px, A, C, B, pout, nthreads):
+    """:func:`statistics_f32` for float64 data."""
+    _statistics(carray(_f64(px), A * C * B), A, C, B, carray(_f64(pout), (2, C)), nthreads)
+
+
+@njit(**_INLINE)
+def _transform(x1, y1, A, C, B, mean, invstd, w, b, flags, nthreads):
+    kk, s, o = _coefficients(mean, invstd, w, b, (flags & 1) != 0, (flags & 2) != 0, x1)
+    _affine(x1, A, C, B, kk, s, o, y1, nthreads)
+
+
+@njit(**_PARALLEL)
+def transform_f32(px, py, A, C, B, pmean, pinvstd, pw, pb, flags, nthreads):
+    """``y = (x - mean) * invstd * w + b`` (float64 per-channel inputs; flags 1 w, 2 b)."""
+    n = A * C * B
+    _transform(
+        carray(_f32(px), n), carray(_f32(py), n), A, C, B, carray(_f64(pmean), C),
+        carray(_f64(pinvstd), C), carray(_f64(pw), C), carray(_f64(pb), C), flags, nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def transform_f64(px, py, A, C, B, pmean, pinvstd, pw, pb, flags, nthreads):
+    """:func:`transform_f32` for float64 data."""
+    n = A * C * B
+    _transform(
+        carray(_f64(px), n), carray(_f64(py), n), A, C, B, carray(_f64(pmean), C),
+        carray(_f64(pinvstd), C), carray(_f64(pw), C), carray(_f64(pb), C), flags, nthreads,
+    )  # fmt: skip
+
+
+@njit(**_INLINE)
+def _backward_reduce(g1, x1, A, C, B, mean, out, nthreads):
+    s1, s2 = _dots(g1, x1, A, C, B, mean, nthreads)
+    for c in range(C):
+        out[0, c] = s1[c]
+        out[1, c] = s2[c]
+
+
+@njit(**_PARALLEL)
+def backward_reduce_f32(pdy, px, A, C, B, pmean, pout, nthreads):
+    """``(sum dy, sum dy * (x - mean))`` per channel into ``out`` (float64, (2, C))."""
+    n = A * C * B
+    _backward_reduce(
+        carray(_f32(pdy), n), carray(_f32(px), n), A, C, B, carray(_f64(pmean), C),
+        carray(_f64(pout), (2, C)), nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def backward_reduce_f64(pdy, px, A, C, B, pmean, pout, nthreads):
+    """:func:`backward_reduce_f32` for float64 data."""
+    n = A * C * B
+    _backward_reduce(
+        carray(_f64(pdy), n), carray(_f64(px), n), A, C, B, carray(_f64(pmean), C),
+        carray(_f64(pout), (2, C)), nthreads,
+    )  # fmt: skip
+
+
+@njit(**_INLINE)
+def _backward_elementwise(g1, x1, A, C, B, mean, invstd, w, flags, sums, count, d1, nthreads):
+    co = _grad_coefficients(mean, invstd, w, (flags & 1) != 0, sums[0], sums[1], count, x1)
+    _grad(g1, x1, A, C, B, co, d1, nthreads)
+
+
+@njit(**_PARALLEL)
+def backward_elementwise_f32(
+    pdy, px, A, C, B, pmean, pinvstd, pw, flags, psums, count, pdx, nthreads
+):
+    """The input gradient from :func:`backward_reduce_f32`'s sums over ``count`` values per
+    channel (all processes' count under SyncBatchNorm)."""
+    n = A * C * B
+    _backward_elementwise(
+        carray(_f32(pdy), n), carray(_f32(px), n), A, C, B, carray(_f64(pmean), C),
+        carray(_f64(pinvstd), C), carray(_f64(pw), C), flags, carray(_f64(psums), (2, C)),
+        count, carray(_f32(pdx), n), nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def backward_elementwise_f64(
+    pdy, px, A, C, B, pmean, pinvstd, pw, flags, psums, count, pdx, nthreads
+):
+    """:func:`backward_elementwise_f32` for float64 data."""
+    n = A * C * B
+    _backward_elementwise(
+        carray(_f64(pdy), n), carray(_f64(px), n), A, C, B, carray(_f64(pmean), C),
+        carray(_f64(pinvstd), C), carray(_f64(pw), C), flags, carray(_f64(psums), (2, C)),
+        count, carray(_f64(pdx), n), nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def start_pool(n):
+    """A trivial parallel loop: its first launch starts numba's thread pool."""
+    out = np.empty(n)
+    for i in prange(n):
+        out[i] = i
+    return out
