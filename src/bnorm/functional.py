@@ -19,6 +19,7 @@ On non-CPU tensors (CUDA, MPS, ...) bnorm has no kernels yet and calls torch's o
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -251,6 +252,126 @@ def _report_nonfinite(layer: str, on_nonfinite: str, stacklevel: int) -> None:
     warnings.warn(message, NonFiniteBatchWarning, stacklevel=stacklevel)
 
 
+_F32 = torch.float32
+_F64 = torch.float64
+
+
+def fused_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    *,
+    use_batch_stats: bool,
+    update: bool,
+    momentum: float | None,
+    eps: float,
+    on_nonfinite: str,
+    layer: Callable[[], str],
+) -> Tensor | None:
+    """The fast path of bnorm's layers: the common case, recognized in a few comparisons and
+    computed by one compiled call each way; ``None`` when anything is unusual (the caller then
+    takes the checked path, whose errors name the problem).
+
+    The common case: a plain CPU float32/float64 tensor of at least two values per channel in
+    a dense layout, per-channel tensors of the same dtype, contiguous, on the CPU, a positive
+    ``eps`` and the numba backend. ``update`` says whether the running statistics (then given,
+    with ``num_batches_tracked``) move towards the batch's; in evaluation
+    (``use_batch_stats=False``) they normalize. ``layer`` gives the layer's name for messages
+    (called only when one is needed).
+    """
+    # The order of the tests puts the cheapest and most selective first; each is a few tens of
+    # nanoseconds, against the microseconds of the checked path.
+    if type(x) is not Tensor or kernels._forced is not None or kernels.numba_cpu is None:
+        return None
+    dt = x.dtype
+    if (dt is not _F32 and dt is not _F64) or not x.is_cpu:
+        return None
+    channels = x.shape[1]
+    for t in (weight, bias, running_mean, running_var):
+        if t is not None and (t.dtype is not dt or not t.is_cpu or not t.is_contiguous()):
+            return None
+    if not eps > 0 or on_nonfinite not in _checks.NONFINITE_POLICIES:
+        return None
+    numel = x.numel()
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    if not use_batch_stats:
+        if running_mean is None or running_var is None or numel == 0:
+            return None
+        if needs_grad:
+            return _FusedEvalFunction.apply(x, weight, bias, running_mean, running_var, eps)
+        return kernels.numba_cpu.eval_forward(x, running_mean, running_var, weight, bias, eps)
+    if numel <= channels:  # empty, or one value per channel: the checked path says what to do
+        return None
+    if update:
+        if running_mean is None or running_var is None:
+            return None
+        if num_batches_tracked is None and momentum is None:
+            return None
+    else:
+        running_mean = running_var = num_batches_tracked = None
+    if needs_grad:
+        if numel < NATIVE_MAX_NUMEL and x.is_contiguous():
+            y = _native_small(
+                x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                on_nonfinite, layer, numel // channels,
+            )  # fmt: skip
+            if y is not None:
+                return y
+        return _FusedTrainFunction.apply(
+            x,
+            weight,
+            bias,
+            (running_mean, running_var, num_batches_tracked, momentum, eps, on_nonfinite, layer),
+        )
+    y, _stats, finite = kernels.numba_cpu.train_forward(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+    )
+    if not finite and running_mean is not None:
+        _report_nonfinite(layer(), on_nonfinite, stacklevel=5)
+    return y
+
+
+#: training inputs needing gradients with fewer values than this take torch's own kernel,
+#: when it is precise enough (see _native_small)
+NATIVE_MAX_NUMEL = 1 << 12
+#: torch's kernel is used only while every channel's |mean| / std stays below this: its error
+#: grows as about 1.3e-7 times that ratio (measured), so below 8 it is within 1.1e-6
+NATIVE_MAX_RATIO = 8.0
+
+
+def _native_small(
+    x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+    on_nonfinite, layer, count,
+) -> Tensor | None:  # fmt: skip
+    """Training batch norm of a small input through torch's own kernel; ``None`` when its
+    result would not be precise enough (the caller then computes with bnorm's kernels).
+
+    Why: on a few thousand values a batch norm costs microseconds, and the autograd of a Python
+    ``Function`` (bnorm's kernels) costs about ten more than torch's native node; for these
+    sizes torch's node is the faster way. bnorm's guarantees still hold: the running statistics
+    are not handed to torch (its kernel would write NaN into them) but updated here with the NaN
+    guard, and a batch whose mean is far from zero relative to its spread, where torch loses
+    digits, is computed by bnorm's kernels instead.
+    """
+    y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    status = kernels.numba_cpu.update_from_batch(
+        mean, invstd, running_mean, running_var, num_batches_tracked, momentum, eps, count,
+        NATIVE_MAX_RATIO,
+    )  # fmt: skip
+    if status == 2:
+        return None
+    if status == 1 and running_mean is not None:
+        _report_nonfinite(layer(), on_nonfinite, stacklevel=6)
+    return y
+
+
 def _fused_numba(
     x: Tensor,
     running_mean: Tensor | None,
@@ -264,20 +385,23 @@ def _fused_numba(
     on_nonfinite: str,
     layer: str,
 ) -> Tensor | None:
-    """The numba backend's hot path: one compiled call per forward (and per backward).
+    """The numba backend's fused kernels for a checked call: one compiled call per forward
+    (and per backward).
 
     Same results and semantics as the step-by-step path below it; returns ``None`` for the
     cases it leaves to that path (one running buffer without the other, buffers of another
-    dtype, ``momentum=None`` without a counter, evaluation with gradients).
+    dtype, ``momentum=None`` without a counter).
     """
     numba_cpu = kernels.numba_cpu
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     )
     if not use_batch_stats:
-        if needs_grad or not numba_cpu.fused_buffers_ok(x, running_mean, running_var):
+        if not numba_cpu.fused_buffers_ok(x, running_mean, running_var):
             return None
         assert running_mean is not None and running_var is not None
+        if needs_grad:
+            return _FusedEvalFunction.apply(x, weight, bias, running_mean, running_var, eps)
         return numba_cpu.eval_forward(x, running_mean, running_var, weight, bias, eps)
     if (running_mean is None) != (running_var is None):
         return None
@@ -286,18 +410,8 @@ def _fused_numba(
     if not numba_cpu.fused_buffers_ok(x, running_mean, running_var):
         return None
     if needs_grad:
-        return _FusedTrainFunction.apply(
-            x,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            momentum,
-            eps,
-            on_nonfinite,
-            layer,
-        )
+        state = (running_mean, running_var, num_batches_tracked, momentum, eps, on_nonfinite)
+        return _FusedTrainFunction.apply(x, weight, bias, (*state, lambda: layer))
     y, _stats, finite = numba_cpu.train_forward(
         x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
     )
@@ -316,29 +430,93 @@ class _FusedTrainFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, x, weight, bias, running_mean, running_var, nbt, momentum, eps, on_nonfinite, layer
-    ):
+    def forward(ctx, x, weight, bias, state):  # type: ignore[override]
+        # the non-differentiable arguments travel as one tuple: each argument of apply() costs
+        # autograd a little bookkeeping, which adds up on small tensors
+        running_mean, running_var, nbt, momentum, eps, on_nonfinite, layer = state
         y, stats, finite = kernels.numba_cpu.train_forward(
             x, weight, bias, running_mean, running_var, nbt, momentum, eps
         )
         if not finite and running_mean is not None:
-            _report_nonfinite(layer, on_nonfinite, stacklevel=7)
-        ctx.save_for_backward(x, weight, bias, stats)
+            _report_nonfinite(layer(), on_nonfinite, stacklevel=7)
+        _save(ctx, x, weight, bias, stats)
         ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, bias, stats = ctx.saved_tensors
+        x, weight, bias, stats = _saved(ctx)
         if torch.is_grad_enabled():
             ctx.use_batch_stats = True
-            grads = _composite_grads(ctx, dy, x, weight, bias, stats[0], stats[1])
+            stats = stats.view(2, -1)
+            dx, dw, db = _composite_grads(ctx, dy, x, weight, bias, stats[0], stats[1])
         else:
-            grads = kernels.numba_cpu.train_backward(
-                dy, x, stats, weight, bias, tuple(ctx.needs_input_grad[:3])
+            dx, dw, db = kernels.numba_cpu.train_backward(
+                dy, x, stats, weight, bias, ctx.needs_input_grad
             )
-        return (*grads, None, None, None, None, None, None, None)
+        return dx, dw, db, None
+
+
+#: inputs with fewer values than this are kept as attributes of the autograd context rather
+#: than through ``ctx.save_for_backward`` (see :func:`_save`)
+SMALL_SAVE_NUMEL = 1 << 15
+
+
+def _save(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, extra: Tensor) -> None:
+    """Keep what the backward needs.
+
+    ``ctx.save_for_backward`` costs about a microsecond per tensor to unpack, a tenth of a small
+    batch norm's whole backward. For small inputs the tensors are kept as plain attributes with
+    their version counters, and :func:`_saved` raises torch's error if one was modified in place
+    in between, as ``save_for_backward`` would. (What small inputs give up: saved-tensor hooks,
+    such as activation offloading, do not see them; they are small.)
+    """
+    if x.numel() < SMALL_SAVE_NUMEL:
+        ctx.kept = (x, weight, bias, extra)
+        ctx.versions = tuple(None if t is None else t._version for t in (x, weight, bias))
+    else:
+        ctx.kept = None
+        ctx.save_for_backward(x, weight, bias, extra)
+
+
+def _saved(ctx) -> tuple:
+    kept = ctx.kept
+    if kept is None:
+        return ctx.saved_tensors
+    for t, version, name in zip(kept[:3], ctx.versions, ("input", "weight", "bias"), strict=True):
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: the batch norm's {name} {t.type()}{list(t.shape)} is at "
+                f"version {t._version}; expected version {version} instead."
+            )
+    return kept
+
+
+class _FusedEvalFunction(torch.autograd.Function):
+    """Evaluation-mode batch norm on the numba backend (running statistics are constants):
+    one compiled call forward (:func:`~bnorm.kernels.numba_cpu.eval_forward`), one backward
+    (:func:`~bnorm.kernels.numba_cpu.eval_backward`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+        ctx.eps = eps
+        return kernels.numba_cpu.eval_forward(x, running_mean, running_var, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, bias, running_mean, running_var = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            ctx.use_batch_stats = False
+            mean = running_mean.detach().to(_F64)
+            invstd = torch.rsqrt(running_var.detach().to(_F64) + ctx.eps)
+            grads = _composite_grads(ctx, dy, x, weight, bias, mean, invstd)
+        else:
+            grads = kernels.numba_cpu.eval_backward(
+                dy, x, running_mean, running_var, weight, bias, ctx.eps, ctx.needs_input_grad
+            )
+        return (*grads, None, None, None)
 
 
 class _BatchNormFunction(torch.autograd.Function):

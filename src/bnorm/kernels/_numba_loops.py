@@ -86,10 +86,24 @@ _i64 = _pointer(types.int64)
 
 @njit(**_OPTS)
 def plan(A, C, B):
-    """``(W, rows)`` of the column family (``W = 0`` selects the runs family)."""
+    """``(W, rows)`` of the column family (``W = 0`` selects the runs family).
+
+    A row holds ``q`` whole samples: enough for ``W >= ROW_MIN`` and, where the batch has 16
+    rows of them, a multiple of 16 values, so that every row is whole AVX-512 vectors (no
+    scalar remainder).
+    """
     cb = C * B
     if B == 1 or B < RUN_MIN or cb <= COLUMN_MAX:
-        q = max(1, min(A, (ROW_MIN + cb - 1) // cb))
+        g = cb
+        h = 16
+        while h:  # gcd(cb, 16)
+            g, h = h, g % h
+        step = 16 // g  # samples per row for a multiple of 16 values
+        q = step * max(1, (ROW_MIN + step * cb - 1) // (step * cb))
+        if 16 * q > A:
+            # a small batch: per-column coefficients would cost as much as the data; one sample
+            # per row (no expansion at all when B == 1) unless a sample is very short
+            q = 1 if cb >= 16 else max(1, min(A, (ROW_MIN + cb - 1) // cb))
         return q * cb, (A * cb) // (q * cb)
     return 0, 0
 
@@ -102,10 +116,18 @@ def _chunk(n, t, nthreads):
 
 @njit(**_OPTS)
 def _expand(v, W, C, B):
-    """One value per column: ``out[j] = v[(j // B) % C]``."""
+    """One value per column: ``out[j] = v[(j // B) % C]`` (nested loops: an integer division
+    per value would cost more than the loops that use the result)."""
+    if W == C:  # one sample per row and B == 1: the columns are the channels
+        return v
     out = np.empty(W, v.dtype)
-    for j in range(W):
-        out[j] = v[(j // B) % C]
+    j = 0
+    while j < W:
+        for c in range(C):
+            vc = v[c]
+            for _ in range(B):
+                out[j] = vc
+                j += 1
     return out
 
 
@@ -214,22 +236,28 @@ def _fold(x1, g1, A, C, B, W, rows, k, p1, p2, o1, o2, dots):
     s2 = np.zeros(C)
     if W > 0:
         for t in range(p1.shape[0]):
-            for j in range(W):
-                c = (j // B) % C
-                s1[c] += p1[t, j]
-                s2[c] += p2[t, j]
-        # the tail starts at a sample boundary, so value i belongs to channel (i // B) % C
-        n = rows * W
-        for i in range(x1.shape[0] - n):
-            c = (i // B) % C
-            d = np.float64(x1[n + i]) - np.float64(k[c])
-            if dots:
-                g = np.float64(g1[n + i])
-                s1[c] += g
-                s2[c] += g * d
-            else:
-                s1[c] += d
-                s2[c] += d * d
+            j = 0
+            while j < W:
+                for c in range(C):
+                    for _ in range(B):
+                        s1[c] += p1[t, j]
+                        s2[c] += p2[t, j]
+                        j += 1
+        # the tail: the samples that do not fill a row, one value at a time
+        i = rows * W
+        while i < x1.shape[0]:
+            for c in range(C):
+                kc = np.float64(k[c])
+                for _ in range(B):
+                    d = np.float64(x1[i]) - kc
+                    if dots:
+                        g = np.float64(g1[i])
+                        s1[c] += g
+                        s2[c] += g * d
+                    else:
+                        s1[c] += d
+                        s2[c] += d * d
+                    i += 1
     else:
         for a in range(A):
             for c in range(C):
@@ -248,7 +276,7 @@ def _sums(x1, A, C, B, k, nthreads):
     o1 = _zeros((A if W == 0 else 0, C))
     o2 = _zeros((A if W == 0 else 0, C))
     if nthreads == 1:
-        _sums_part(x1, A, C, B, W, rows, k, kcol, 0, 1, p1, p2, o1, o2)
+        _sums_part(x1, A, C, B, W, rows, k, kcol, nthreads - 1, nthreads, p1, p2, o1, o2)
     else:
         for t in prange(nthreads):
             _sums_part(x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2)
@@ -355,7 +383,7 @@ def _dots(g1, x1, A, C, B, mean, nthreads):
     o1 = _zeros((A if W == 0 else 0, C))
     o2 = _zeros((A if W == 0 else 0, C))
     if nthreads == 1:
-        _dots_part(g1, x1, A, C, B, W, rows, k, kcol, 0, 1, p1, p2, o1, o2)
+        _dots_part(g1, x1, A, C, B, W, rows, k, kcol, nthreads - 1, nthreads, p1, p2, o1, o2)
     else:
         for t in prange(nthreads):
             _dots_part(g1, x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2)
@@ -398,10 +426,13 @@ def _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, t, nthreads):
         lo, hi = _chunk(rows, t, nthreads)
         n = rows * W
         _col_affine(x1[:n].reshape(rows, W), kc, sc, oc, y1[:n].reshape(rows, W), lo, hi)
-        if t == nthreads - 1:
-            for i in range(x1.shape[0] - n):
-                c = (i // B) % C
-                y1[n + i] = (x1[n + i] - k[c]) * s[c] + o[c]
+        if t == nthreads - 1:  # the tail: samples that do not fill a row
+            i = n
+            while i < x1.shape[0]:
+                for c in range(C):
+                    for _ in range(B):
+                        y1[i] = (x1[i] - k[c]) * s[c] + o[c]
+                        i += 1
     else:
         lo, hi = _chunk(A * C, t, nthreads)
         _run_affine(x1.reshape(A, C, B), k, s, o, y1.reshape(A, C, B), lo, hi)
@@ -415,7 +446,7 @@ def _affine(x1, A, C, B, k, s, o, y1, nthreads):
     sc = _expand(s, W, C, B)
     oc = _expand(o, W, C, B)
     if nthreads == 1:
-        _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, 0, 1)
+        _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads - 1, nthreads)
     else:
         for t in prange(nthreads):
             _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, t, nthreads)
@@ -457,10 +488,13 @@ def _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, t, nthreads):
             g1[:n].reshape(rows, W), x1[:n].reshape(rows, W),
             cols[0], cols[1], cols[2], cols[3], d1[:n].reshape(rows, W), lo, hi,
         )  # fmt: skip
-        if t == nthreads - 1:
-            for i in range(x1.shape[0] - n):
-                c = (i // B) % C
-                d1[n + i] = co[1, c] * g1[n + i] + co[2, c] * (x1[n + i] - co[0, c]) + co[3, c]
+        if t == nthreads - 1:  # the tail: samples that do not fill a row
+            i = n
+            while i < x1.shape[0]:
+                for c in range(C):
+                    for _ in range(B):
+                        d1[i] = co[1, c] * g1[i] + co[2, c] * (x1[i] - co[0, c]) + co[3, c]
+                        i += 1
     else:
         lo, hi = _chunk(A * C, t, nthreads)
         _run_grad(
@@ -471,10 +505,11 @@ def _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, t, nthreads):
 
 @njit(**_OPTS)
 def _expand_rows(co, W, C, B):
+    if W == C:
+        return co
     out = np.empty((co.shape[0], W), co.dtype)
     for r in range(co.shape[0]):
-        for j in range(W):
-            out[r, j] = co[r, (j // B) % C]
+        out[r] = _expand(co[r], W, C, B)
     return out
 
 
@@ -484,7 +519,7 @@ def _grad(g1, x1, A, C, B, co, d1, nthreads):
     W, rows = plan(A, C, B)
     cols = _expand_rows(co, W, C, B)
     if nthreads == 1:
-        _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, 0, 1)
+        _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, nthreads - 1, nthreads)
     else:
         for t in prange(nthreads):
             _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, t, nthreads)
@@ -600,10 +635,37 @@ def _train_backward(g1, x1, A, C, B, stats, w, flags, d1, dw, db, nthreads):
         _grad(g1, x1, A, C, B, co, d1, nthreads)
 
 
+@njit(**_INLINE)
+def _eval_backward(g1, x1, A, C, B, rm, rv, w, flags, eps, d1, dw, db, nthreads):
+    # evaluation mode: y = (x - rm) * invstd * w + b with constant statistics, so
+    # dx = dy * w * invstd, dw = sum(dy * (x - rm)) * invstd and db = sum(dy)
+    has_w = (flags & 1) != 0
+    mean = np.empty(C)
+    invstd = np.empty(C)
+    for c in range(C):
+        mean[c] = rm[c]
+        invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
+    if (flags & 6) != 0:
+        sum_dy, sum_dy_xmu = _dots(g1, x1, A, C, B, mean, nthreads)
+        if (flags & 2) != 0:
+            for c in range(C):
+                dw[c] = sum_dy_xmu[c] * invstd[c]
+        if (flags & 4) != 0:
+            for c in range(C):
+                db[c] = sum_dy[c]
+    if (flags & 8) != 0:
+        k = np.empty(C, g1.dtype)
+        s = np.empty(C, g1.dtype)
+        for c in range(C):
+            k[c] = 0
+            s[c] = invstd[c] * (np.float64(w[c]) if has_w else 1.0)
+        _affine(g1, A, C, B, k, s, k, d1, nthreads)
+
+
 # --- entry points --------------------------------------------------------------------------------
 # flags of train_forward: 1 weight, 2 bias, 4 running statistics, 8 num_batches_tracked,
-# 16 cumulative average (momentum=None); of eval_forward: 1 weight, 2 bias; of train_backward:
-# 1 weight, 2 want dweight, 4 want dbias, 8 want dx.
+# 16 cumulative average (momentum=None); of eval_forward: 1 weight, 2 bias; of train_backward
+# and eval_backward: 1 weight, 2 want dweight, 4 want dbias, 8 want dx.
 
 
 @njit(**_PARALLEL)
@@ -676,6 +738,74 @@ def train_backward_f64(pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthre
         carray(_f64(pdy), n), carray(_f64(px), n), A, C, B, carray(_f64(pstats), (2, C)),
         carray(_f64(pw), C), flags, carray(_f64(pdx), n), carray(_f64(pdw), C),
         carray(_f64(pdb), C), nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def eval_backward_f32(pdy, px, A, C, B, prm, prv, pw, flags, eps, pdx, pdw, pdb, nthreads):
+    """Backward of evaluation-mode batch norm (constant statistics): ``dx``, ``dweight`` and
+    ``dbias`` as asked by ``flags``, in the data's dtype."""
+    n = A * C * B
+    _eval_backward(
+        carray(_f32(pdy), n), carray(_f32(px), n), A, C, B, carray(_f32(prm), C),
+        carray(_f32(prv), C), carray(_f32(pw), C), flags, eps, carray(_f32(pdx), n),
+        carray(_f32(pdw), C), carray(_f32(pdb), C), nthreads,
+    )  # fmt: skip
+
+
+@njit(**_PARALLEL)
+def eval_backward_f64(pdy, px, A, C, B, prm, prv, pw, flags, eps, pdx, pdw, pdb, nthreads):
+    """:func:`eval_backward_f32` for float64 data."""
+    n = A * C * B
+    _eval_backward(
+        carray(_f64(pdy), n), carray(_f64(px), n), A, C, B, carray(_f64(prm), C),
+        carray(_f64(prv), C), carray(_f64(pw), C), flags, eps, carray(_f64(pdx), n),
+        carray(_f64(pdw), C), carray(_f64(pdb), C), nthreads,
+    )  # fmt: skip
+
+
+@njit(**_INLINE)
+def _update_from_batch(mean, invstd, rm, rv, nbt, flags, momentum, eps, n, max_ratio):
+    """Move the running statistics towards a batch's, given its mean and ``1/sqrt(var + eps)``
+    as another kernel computed them; 0 if done, 1 if the batch is non-finite, 2 if some
+    channel's ``|mean| * invstd`` exceeds ``max_ratio`` (nothing changes in both cases)."""
+    C = mean.shape[0]
+    for c in range(C):
+        m = np.float64(mean[c])
+        s = np.float64(invstd[c])
+        if not (np.isfinite(m) and np.isfinite(s)):
+            return 1
+        if abs(m) * s > max_ratio:
+            return 2
+    if (flags & 1) != 0:
+        rate = 1.0 / (nbt[0] + 1) if (flags & 6) == 6 else momentum
+        unbias = n / (n - 1) if n > 1 else 1.0
+        for c in range(C):
+            s = np.float64(invstd[c])
+            var = max(1.0 / (s * s) - eps, 0.0)
+            rm[c] = (1.0 - rate) * np.float64(rm[c]) + rate * np.float64(mean[c])
+            rv[c] = (1.0 - rate) * np.float64(rv[c]) + rate * var * unbias
+        if (flags & 2) != 0:
+            nbt[0] += 1
+    return 0
+
+
+@njit(**_OPTS)
+def update_from_batch_f32(pmean, pinvstd, C, prm, prv, pnbt, flags, momentum, eps, n, max_ratio):
+    """:func:`_update_from_batch` for float32 statistics and buffers. ``flags``: 1 running
+    statistics given, 2 ``num_batches_tracked`` given, 4 cumulative average."""
+    return _update_from_batch(
+        carray(_f32(pmean), C), carray(_f32(pinvstd), C), carray(_f32(prm), C),
+        carray(_f32(prv), C), carray(_i64(pnbt), 1), flags, momentum, eps, n, max_ratio,
+    )  # fmt: skip
+
+
+@njit(**_OPTS)
+def update_from_batch_f64(pmean, pinvstd, C, prm, prv, pnbt, flags, momentum, eps, n, max_ratio):
+    """:func:`update_from_batch_f32` for float64."""
+    return _update_from_batch(
+        carray(_f64(pmean), C), carray(_f64(pinvstd), C), carray(_f64(prm), C),
+        carray(_f64(prv), C), carray(_i64(pnbt), 1), flags, momentum, eps, n, max_ratio,
     )  # fmt: skip
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "PARALLEL_MIN_NUMEL",
     "backward_elementwise",
     "backward_reduce",
+    "eval_backward",
     "eval_forward",
     "fused_buffers_ok",
     "geometry",
@@ -50,6 +51,7 @@ __all__ = [
     "train_backward",
     "train_forward",
     "transform",
+    "update_from_batch",
 ]
 
 #: below this many elements a kernel runs on the calling thread (measured: a parallel launch
@@ -241,14 +243,46 @@ def backward_elementwise(
 
 # --- fused steps: one compiled call per forward or backward ------------------------------------
 # bnorm.functional uses these on its hot paths. Per-channel math happens inside the compiled
-# call, so a small tensor pays one dispatch instead of a dozen small torch ops.
+# call, so a small tensor pays one dispatch instead of a dozen small torch ops; the Python here
+# is kept to what a call needs (a few attribute reads per tensor), because for the small tensors
+# of a small network it costs more than the loops.
+
+_F32 = torch.float32
+_F64 = torch.float64
 
 
 def fused_buffers_ok(x: Tensor, *buffers_: Tensor | None) -> bool:
-    """Whether running-statistics buffers can be updated in place by the fused kernels: they
-    must be contiguous CPU tensors of the compute dtype of ``x``."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return all(t is None or (t.dtype == dtype and t.is_cpu and t.is_contiguous()) for t in buffers_)
+    """Whether per-channel tensors can be read (and running statistics updated in place) by the
+    fused kernels: contiguous CPU tensors of the compute dtype of ``x``."""
+    dtype = _F64 if x.dtype is _F64 else _F32
+    return all(t is None or (t.dtype is dtype and t.is_cpu and t.is_contiguous()) for t in buffers_)
+
+
+def _prepare(x: Tensor) -> tuple[Tensor, int, int, int, int]:
+    """``(x, A, C, B, threads)``: x in a layout and dtype the loops take, and how they see it."""
+    if x.dtype is not _F32 and x.dtype is not _F64:
+        x = x.to(_F32)
+    c = x.shape[1]
+    n = x.numel()
+    if x.is_contiguous():
+        a = x.shape[0]
+        b = n // (a * c)
+    else:
+        x = _layout(x)
+        if x.is_contiguous():
+            a = x.shape[0]
+            b = n // (a * c)
+        else:
+            a, b = n // c, 1
+    return x, a, c, b, 1 if n < PARALLEL_MIN_NUMEL else _threads(n)
+
+
+def _checked_per_channel(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    # weight/bias may be float32 for a float64 input only through the step-by-step functions;
+    # here a mismatch means a half-precision input with float32 parameters (read as is)
+    if t is None or (t.dtype is dtype and t.is_contiguous()):
+        return t
+    return t.detach().to(dtype).contiguous()
 
 
 def train_forward(
@@ -265,41 +299,51 @@ def train_forward(
 
     ``running_mean`` and ``running_var`` are both given (updated in place, as
     :func:`bnorm.functional.update_running_stats` does; check :func:`fused_buffers_ok` first) or
-    both ``None``; ``momentum=None`` (cumulative average) needs ``num_batches_tracked``, an int64
-    tensor advanced by one. Returns ``(y, stats, finite)``: ``stats`` is a float64 (2, C)
-    tensor holding the batch mean and ``1/sqrt(var + eps)``; for a non-finite batch nothing is
-    updated and ``finite`` is False (the caller warns or raises).
+    both ``None``; ``momentum=None`` (cumulative average) needs ``num_batches_tracked``, a
+    one-element int64 CPU tensor advanced by one. Returns ``(y, stats, finite)``: ``stats`` is a
+    float64 tensor of ``2 * C`` values, the batch mean then ``1/sqrt(var + eps)``; for a
+    non-finite batch nothing is updated and ``finite`` is False (the caller warns or raises).
     """
-    x_in = _layout(x)
-    x = _compute(x_in)
-    a, c, b = geometry(x)
+    x_in = x
+    x, a, c, b, threads = _prepare(x)
     dt = x.dtype
+    if weight is not None and (weight.dtype is not dt or not weight.is_contiguous()):
+        weight = weight.detach().to(dt).contiguous()
+    if bias is not None and (bias.dtype is not dt or not bias.is_contiguous()):
+        bias = bias.detach().to(dt).contiguous()
     y = buffers.empty_like(x)
-    stats = torch.empty((2, c), dtype=torch.float64)
-    w, bb = _per_channel(weight, dt), _per_channel(bias, dt)
-    has_running = running_mean is not None
-    nbt = num_batches_tracked if has_running else None
-    if nbt is not None and not (nbt.dtype == torch.int64 and nbt.is_cpu and nbt.numel() == 1):
-        raise TypeError(
-            f"num_batches_tracked must be a one-element int64 CPU tensor, got {nbt.dtype} "
-            f"of shape {tuple(nbt.shape)} on {nbt.device}"
-        )
-    flags = (
-        (w is not None)
-        | (bb is not None) << 1
-        | has_running << 2
-        | (nbt is not None) << 3
-        | (momentum is None) << 4
-    )
-    kernel = loops.train_forward_f32 if dt == torch.float32 else loops.train_forward_f64
-    finite = kernel(
-        x.data_ptr(), y.data_ptr(), a, c, b, _ptr(w), _ptr(bb), _ptr(running_mean),
-        _ptr(running_var), _ptr(nbt), flags, 0.0 if momentum is None else float(momentum),
-        float(eps), stats.data_ptr(), _threads(x.numel()),
+    stats = torch.empty(2 * c, dtype=_F64)
+    if running_mean is None:
+        flags = 0
+        prm = prv = pnbt = 0
+    else:
+        flags = 4
+        prm, prv = running_mean.data_ptr(), running_var.data_ptr()
+        pnbt = 0
+        if num_batches_tracked is not None:
+            nbt = num_batches_tracked
+            if not (nbt.dtype is torch.int64 and nbt.is_cpu and nbt.numel() == 1):
+                raise TypeError(
+                    f"num_batches_tracked must be a one-element int64 CPU tensor, got "
+                    f"{nbt.dtype} of shape {tuple(nbt.shape)} on {nbt.device}"
+                )
+            flags = 12
+            pnbt = nbt.data_ptr()
+    if momentum is None:
+        flags |= 16
+        momentum = 0.0
+    if weight is not None:
+        flags |= 1
+    if bias is not None:
+        flags |= 2
+    finite = (loops.train_forward_f32 if dt is _F32 else loops.train_forward_f64)(
+        x.data_ptr(), y.data_ptr(), a, c, b,
+        0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        prm, prv, pnbt, flags, float(momentum), float(eps), stats.data_ptr(), threads,
     )  # fmt: skip
-    if y.dtype != x_in.dtype:
+    if y.dtype is not x_in.dtype:
         y = y.to(x_in.dtype)
-    return y, stats, bool(finite)
+    return y, stats, finite
 
 
 def eval_forward(
@@ -311,20 +355,56 @@ def eval_forward(
     eps: float,
 ) -> Tensor:
     """``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``: one fused pass."""
-    x_in = _layout(x)
-    x = _compute(x_in)
-    a, c, b = geometry(x)
+    x_in = x
+    x, a, c, b, threads = _prepare(x)
     dt = x.dtype
+    rm = _checked_per_channel(running_mean, dt)
+    rv = _checked_per_channel(running_var, dt)
+    flags = 0
+    if weight is not None:
+        flags = 1
+        if weight.dtype is not dt or not weight.is_contiguous():
+            weight = weight.detach().to(dt).contiguous()
+    if bias is not None:
+        flags |= 2
+        if bias.dtype is not dt or not bias.is_contiguous():
+            bias = bias.detach().to(dt).contiguous()
     y = buffers.empty_like(x)
-    rm, rv = _per_channel(running_mean, dt), _per_channel(running_var, dt)
-    w, bb = _per_channel(weight, dt), _per_channel(bias, dt)
-    flags = (w is not None) | (bb is not None) << 1
-    kernel = loops.eval_forward_f32 if dt == torch.float32 else loops.eval_forward_f64
-    kernel(
-        x.data_ptr(), y.data_ptr(), a, c, b, _ptr(rm), _ptr(rv), _ptr(w), _ptr(bb), flags,
-        float(eps), _threads(x.numel()),
+    (loops.eval_forward_f32 if dt is _F32 else loops.eval_forward_f64)(
+        x.data_ptr(), y.data_ptr(), a, c, b, rm.data_ptr(), rv.data_ptr(),
+        0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        flags, float(eps), threads,
     )  # fmt: skip
-    return y if y.dtype == x_in.dtype else y.to(x_in.dtype)
+    return y if y.dtype is x_in.dtype else y.to(x_in.dtype)
+
+
+def _format(x: Tensor) -> torch.memory_format:
+    """The memory format of a tensor in a layout the loops take."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+def _grad_like(dy: Tensor, x: Tensor) -> Tensor:
+    """The incoming gradient in x's dtype and layout (autograd may hand over any strides)."""
+    if dy.dtype is not x.dtype:
+        dy = dy.to(x.dtype)
+    if x.is_contiguous():
+        return dy if dy.is_contiguous() else dy.contiguous()
+    return _like(dy, x, x.dtype)
+
+
+def _param_grads(
+    need_w: bool, need_b: bool, c: int, dt: torch.dtype
+) -> tuple[Tensor | None, Tensor | None]:
+    return (
+        torch.empty(c, dtype=dt) if need_w else None,
+        torch.empty(c, dtype=dt) if need_b else None,
+    )
+
+
+def _in_dtype(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return t if t is None or like is None or t.dtype is like.dtype else t.to(like.dtype)
 
 
 def train_backward(
@@ -333,37 +413,116 @@ def train_backward(
     stats: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    needs: tuple[bool, bool, bool],
+    needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Backward of training-mode batch norm in one compiled call: ``(dx, dweight, dbias)``
-    (``None`` where ``needs`` says it is not wanted), each in its tensor's dtype.
+    (``None`` where ``needs`` says it is not wanted: its first three entries are for x, weight
+    and bias), each in its tensor's dtype.
 
-    ``stats`` is :func:`train_forward`'s (2, C) float64 mean and invstd.
+    ``stats`` is :func:`train_forward`'s mean and invstd (float64, ``2 * C`` values).
     ``dweight = sum(dy * (x - mean)) * invstd`` and ``dbias = sum(dy)``; ``dx`` as in
     :func:`backward_elementwise` with ``count`` = the values per channel of ``x``.
     """
-    need_x, need_w, need_b = needs
-    need_w = need_w and weight is not None
-    need_b = need_b and bias is not None
-    x_in = _layout(x)
-    x = _compute(x_in)
+    x_in = x
+    x, a, c, b, threads = _prepare(x)
     dt = x.dtype
-    dy = _like(dy, x, dt)
-    a, c, b = geometry(x)
-    w = _per_channel(weight, dt)
-    dx = buffers.empty_like(x) if need_x else None
-    dw = torch.empty(c, dtype=dt) if need_w else None
-    db = torch.empty(c, dtype=dt) if need_b else None
-    flags = (w is not None) | need_w << 1 | need_b << 2 | need_x << 3
-    kernel = loops.train_backward_f32 if dt == torch.float32 else loops.train_backward_f64
-    kernel(
-        dy.data_ptr(), x.data_ptr(), a, c, b, stats.data_ptr(), _ptr(w), flags, _ptr(dx),
-        _ptr(dw), _ptr(db), _threads(x.numel()),
+    if dy.dtype is not dt or not dy.is_contiguous(memory_format=_format(x)):
+        dy = _grad_like(dy, x)
+    flags = 0
+    w = weight
+    if w is not None:
+        flags = 1
+        if w.dtype is not dt or not w.is_contiguous():
+            w = w.detach().to(dt).contiguous()
+    dx = dw = db = None
+    if needs[0]:
+        flags |= 8
+        dx = buffers.empty_like(x)
+    if needs[1] and weight is not None:
+        flags |= 2
+        dw = torch.empty(c, dtype=dt)
+    if needs[2] and bias is not None:
+        flags |= 4
+        db = torch.empty(c, dtype=dt)
+    (loops.train_backward_f32 if dt is _F32 else loops.train_backward_f64)(
+        dy.data_ptr(), x.data_ptr(), a, c, b, stats.data_ptr(),
+        0 if w is None else w.data_ptr(), flags, 0 if dx is None else dx.data_ptr(),
+        0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(), threads,
     )  # fmt: skip
-    if dx is not None and dx.dtype != x_in.dtype:
+    if dx is not None and dx.dtype is not x_in.dtype:
         dx = dx.to(x_in.dtype)
-    if dw is not None and weight is not None and dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
-    if db is not None and bias is not None and db.dtype != bias.dtype:
-        db = db.to(bias.dtype)
-    return dx, dw, db
+    return dx, _in_dtype(dw, weight), _in_dtype(db, bias)
+
+
+def eval_backward(
+    dy: Tensor,
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Backward of evaluation-mode batch norm (the running statistics are constants):
+    ``dx = dy * weight / sqrt(running_var + eps)``, ``dweight = sum(dy * x_hat)``,
+    ``dbias = sum(dy)``, in one compiled call."""
+    need_x = needs[0]
+    need_w = needs[1] and weight is not None
+    need_b = needs[2] and bias is not None
+    x_in = x
+    x, a, c, b, threads = _prepare(x)
+    dt = x.dtype
+    dy = _grad_like(dy, x)
+    rm = _checked_per_channel(running_mean, dt)
+    rv = _checked_per_channel(running_var, dt)
+    w = _checked_per_channel(weight, dt)
+    dx = buffers.empty_like(x) if need_x else None
+    dw, db = _param_grads(need_w, need_b, c, dt)
+    kernel = loops.eval_backward_f32 if dt is _F32 else loops.eval_backward_f64
+    kernel(
+        dy.data_ptr(), x.data_ptr(), a, c, b, rm.data_ptr(), rv.data_ptr(),
+        0 if w is None else w.data_ptr(), (w is not None) | need_w << 1 | need_b << 2 | need_x << 3,
+        float(eps), 0 if dx is None else dx.data_ptr(), 0 if dw is None else dw.data_ptr(),
+        0 if db is None else db.data_ptr(), threads,
+    )  # fmt: skip
+    if dx is not None and dx.dtype is not x_in.dtype:
+        dx = dx.to(x_in.dtype)
+    return dx, _in_dtype(dw, weight), _in_dtype(db, bias)
+
+
+def update_from_batch(
+    mean: Tensor,
+    invstd: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    count: int,
+    max_ratio: float,
+) -> int:
+    """Move the running statistics towards a batch whose mean and ``1/sqrt(var + eps)`` another
+    kernel computed (dense (C,) tensors of the buffers' dtype), in one compiled call.
+
+    Returns 0 when done; 1 when the batch is non-finite and 2 when a channel's
+    ``|mean| * invstd`` exceeds ``max_ratio``, in both cases changing nothing. The update is
+    :func:`bnorm.functional.update_running_stats`'s, with the variance recovered as
+    ``1/invstd^2 - eps``.
+    """
+    flags = 0
+    prm = prv = pnbt = 0
+    if running_mean is not None:
+        flags = 1
+        prm, prv = running_mean.data_ptr(), running_var.data_ptr()
+        if num_batches_tracked is not None:
+            flags = 3
+            pnbt = num_batches_tracked.data_ptr()
+    if momentum is None:
+        flags |= 4
+        momentum = 0.0
+    kernel = loops.update_from_batch_f32 if mean.dtype is _F32 else loops.update_from_batch_f64
+    return kernel(
+        mean.data_ptr(), invstd.data_ptr(), mean.shape[0], prm, prv, pnbt, flags,
+        float(momentum), float(eps), count, float(max_ratio),
+    )  # fmt: skip

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from ..functional import batch_norm_unchecked
+from ..functional import batch_norm_unchecked, fused_forward
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -156,6 +156,32 @@ class _BatchNormBase:
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        # The common case first, recognized in a few comparisons (see functional.fused_forward);
+        # anything unusual goes through the full checks below.
+        if (
+            isinstance(input, Tensor)
+            and input.dim() in self._ranks
+            and input.shape[1] == self.num_features
+        ):
+            params, buffers = self._parameters, self._buffers
+            running_mean = buffers.get("running_mean")
+            training = self.training
+            y = fused_forward(
+                input,
+                params.get("weight"),
+                params.get("bias"),
+                running_mean,
+                buffers.get("running_var"),
+                buffers.get("num_batches_tracked"),
+                use_batch_stats=training or running_mean is None,
+                update=training and self.track_running_stats,
+                momentum=self.momentum,
+                eps=self.eps,
+                on_nonfinite=self.on_nonfinite,
+                layer=self._layer_name,
+            )
+            if y is not None:
+                return y
         fallback = self._uses_running_stats_for(input)
         use_batch_stats = (self.training or self.running_mean is None) and not fallback
         self._check_input(input, use_batch_stats)
