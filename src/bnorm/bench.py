@@ -1,19 +1,22 @@
 """``bnorm bench``: bnorm's batch norm against torch's, side by side on the same tensors.
 
 For every case (a shape and a memory layout, float32) the same input is run through a bnorm
-layer and a torch layer, alternately (which one goes first alternates too), ``--reps`` times;
-each table entry is the median over those pairs, and each ratio the median of the pair-by-pair
-ratios, so a burst of load on a shared machine hits both sides of a pair alike. Measured:
+layer and a torch layer, alternately (which one goes first rotates too), ``--reps`` times;
+each table entry is the median over those rounds, and each ratio the median of the round-by-
+round ratios, so a burst of load on a shared machine hits both sides of a round alike. Measured:
 
 - training forward+backward (``y = bn(x); y.backward(dy)``, parameters with gradients);
 - evaluation forward under ``torch.no_grad()``;
-- ``copy`` (``dst.copy_(x)`` into an existing tensor: the memory traffic of one read and one
-  write) and ``clone`` (``x.clone()``: allocation plus copy, the least any op returning a new
-  tensor pays); training is compared with ``copy``, evaluation with ``clone``;
+- ``cold copy``: ``dst.copy_(x)`` right after the caches were flushed (a write over twice the
+  last-level cache), the time the memory system needs for one read and one write of the input;
+  training is compared with it (the floor of batch norm's training is 3.5-4 of these);
+- ``clone``: ``x.clone()`` in a loop (allocation plus a cache-warm copy, the least any op
+  returning a new tensor pays); evaluation is compared with it;
 - with ``--compile``, ``torch.compile`` of torch's layer as a third contender.
 
-The run ends with the inference speedup of :func:`bnorm.fold` on a small conv net. The table is
-printed as markdown; a CSV goes to ``<results-dir>/<machine kind>-torch<version>.csv``.
+The table is printed as markdown, followed by the project's speed goals checked against the
+numbers just measured, and the inference speedup of :func:`bnorm.fold` on a small conv net. A
+CSV goes to ``<results-dir>/<machine kind>-torch<version>.csv``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,17 @@ from tqdm import tqdm
 
 import bnorm
 
-__all__ = ["DEFAULT_CASES", "QUICK_CASES", "Case", "machine_kind", "measure_case", "run"]
+__all__ = [
+    "DEFAULT_CASES",
+    "GOALS",
+    "QUICK_CASES",
+    "Case",
+    "Goal",
+    "goals_table",
+    "machine_kind",
+    "measure_case",
+    "run",
+]
 
 
 @dataclass(frozen=True)
@@ -94,15 +107,22 @@ def _input(case: Case, seed: int = 0) -> torch.Tensor:
     return x
 
 
+#: each timed sample is a run of consecutive calls lasting about this long (at least 3 calls)
+SAMPLE_SECONDS = 5e-3
+
+
 def _calls_per_sample(fn: Callable[[], object]) -> int:
-    """Enough calls per timed sample to last ~1 ms (tiny tensors take microseconds); the median
-    of a few single calls, so one preempted call does not set it."""
+    """Calls per timed sample: at least 3, and enough to last ``SAMPLE_SECONDS`` (a tiny tensor
+    takes microseconds). A sample of consecutive calls measures each contender in its own
+    steady state (its data in cache, its allocations reused as they would be in a loop) rather
+    than in the state the other contender left; the per-call time is the sample's mean. The
+    calibration takes the median of a few single calls, so one preempted call does not set it."""
     once = []
     for _ in range(5):
         start = time.perf_counter()
         fn()
         once.append(time.perf_counter() - start)
-    return max(1, min(2000, int(1e-3 / max(statistics.median(once), 1e-7))))
+    return max(3, min(5000, int(SAMPLE_SECONDS / max(statistics.median(once), 1e-7))))
 
 
 def _time(fn: Callable[[], object], calls: int) -> float:
@@ -112,20 +132,67 @@ def _time(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def _alternate(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+@dataclass(frozen=True)
+class _Cold:
+    """A function timed once per sample, right after ``setup`` (untimed) ran."""
+
+    setup: Callable[[], object]
+    fn: Callable[[], object]
+
+
+def _alternate(fns: dict[str, Callable[[], object] | _Cold], reps: int) -> dict[str, list[float]]:
     """Seconds per call of each function, ``reps`` samples each, taken round-robin; the order
     rotates every round so no function always runs right after another."""
     names = list(fns)
-    for fn in fns.values():  # warm up: first calls allocate, load compiled code, fill caches
-        for _ in range(3):
-            fn()
-    calls = {name: _calls_per_sample(fns[name]) for name in names}
+    # Warm up, round-robin as measured, for at least 10 rounds and 0.3 s: the first calls load
+    # compiled code and fill caches, and the C library's allocator needs a few rounds of
+    # allocations and frees before its reuse of freed memory settles.
+    start, rounds = time.perf_counter(), 0
+    while rounds < 10 or time.perf_counter() - start < 0.3:
+        for f in fns.values():
+            if isinstance(f, _Cold):
+                f.setup()
+                f.fn()
+            else:
+                f()
+        rounds += 1
+    calls = {name: 1 if isinstance(f, _Cold) else _calls_per_sample(f) for name, f in fns.items()}
     times: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
-            times[name].append(_time(fns[name], calls[name]))
+            f = fns[name]
+            if isinstance(f, _Cold):
+                f.setup()
+                times[name].append(_time(f.fn, 1))
+            else:
+                times[name].append(_time(f, calls[name]))
     return times
+
+
+def _llc_bytes() -> int:
+    """The last-level cache's size (Linux sysfs), or 32 MiB where it cannot be read."""
+    size = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        value = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        size = max(size, value)
+    return size or 32 * 2**20
+
+
+_flush_buffer: torch.Tensor | None = None
+
+
+def _flush_caches() -> None:
+    """Write a buffer twice the last-level cache's size, so that nothing else stays cached."""
+    global _flush_buffer
+    if _flush_buffer is None:
+        _flush_buffer = torch.empty(2 * _llc_bytes() // 4)
+    _flush_buffer.fill_(1.0)
 
 
 def _median_ratio(num: list[float], den: list[float]) -> float:
@@ -141,16 +208,16 @@ def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable
 
 
 def measure_case(case: Case, reps: int, compile: bool = False) -> dict[str, float | str]:
-    """One row of the table: medians (ms) and median pair-by-pair ratios for ``case``."""
+    """One row of the table: medians (ms) and median round-by-round ratios for ``case``."""
     ours, theirs = _layers(case)
     x = _input(case)
     xg = x.clone().requires_grad_()
     dy = _input(case, seed=1)
     dst = torch.empty_like(x)
-    train = {
+    train: dict[str, Callable[[], object] | _Cold] = {
         "bnorm": _train_step(ours, xg, dy),
         "torch": _train_step(theirs, xg, dy),
-        "copy": lambda: dst.copy_(x),
+        "cold_copy": _Cold(_flush_caches, lambda: dst.copy_(x)),
     }
     compiled = None
     if compile:
@@ -164,7 +231,8 @@ def measure_case(case: Case, reps: int, compile: bool = False) -> dict[str, floa
         "train_bnorm_ms": statistics.median(t["bnorm"]) * 1e3,
         "train_torch_ms": statistics.median(t["torch"]) * 1e3,
         "train_torch_over_bnorm": _median_ratio(t["torch"], t["bnorm"]),
-        "train_bnorm_over_copy": _median_ratio(t["bnorm"], t["copy"]),
+        "cold_copy_ms": statistics.median(t["cold_copy"]) * 1e3,
+        "train_bnorm_over_cold_copy": _median_ratio(t["bnorm"], t["cold_copy"]),
     }
     if compiled is not None:
         row["train_compile_ms"] = statistics.median(t["compile"]) * 1e3
@@ -172,7 +240,7 @@ def measure_case(case: Case, reps: int, compile: bool = False) -> dict[str, floa
     for layer in (ours, theirs, compiled):
         if layer is not None:
             layer.eval()
-    evals: dict[str, Callable[[], object]] = {
+    evals: dict[str, Callable[[], object] | _Cold] = {
         "bnorm": lambda: ours(x),
         "torch": lambda: theirs(x),
         "clone": lambda: x.clone(),
@@ -186,6 +254,7 @@ def measure_case(case: Case, reps: int, compile: bool = False) -> dict[str, floa
             "eval_bnorm_ms": statistics.median(e["bnorm"]) * 1e3,
             "eval_torch_ms": statistics.median(e["torch"]) * 1e3,
             "eval_torch_over_bnorm": _median_ratio(e["torch"], e["bnorm"]),
+            "clone_ms": statistics.median(e["clone"]) * 1e3,
             "eval_bnorm_over_clone": _median_ratio(e["bnorm"], e["clone"]),
         }
     )
@@ -232,7 +301,7 @@ _COLUMNS = [
     ("train_bnorm_ms", "train bnorm ms", "{:.3f}"),
     ("train_torch_ms", "train torch ms", "{:.3f}"),
     ("train_torch_over_bnorm", "torch/bnorm", "**{:.2f}×**"),
-    ("train_bnorm_over_copy", "bnorm/copy", "{:.1f}"),
+    ("train_bnorm_over_cold_copy", "bnorm/cold copy", "{:.1f}"),
     ("train_compile_ms", "train compile ms", "{:.3f}"),
     ("train_compile_over_bnorm", "compile/bnorm", "{:.2f}×"),
     ("eval_bnorm_ms", "eval bnorm ms", "{:.3f}"),
@@ -253,6 +322,97 @@ def markdown_table(rows: Sequence[dict[str, float | str]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in cols) + " |")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A speed goal of the project (issue #3), checked against a measured row."""
+
+    text: str
+    key: str
+    bound: float
+    at_least: bool  #: the measured value must be >= bound (else <= bound)
+    applies: Callable[[dict[str, float | str]], bool]
+
+    def met(self, row: dict[str, float | str]) -> bool:
+        value = float(row[self.key])
+        return value >= self.bound if self.at_least else value <= self.bound
+
+
+def _mb(row: dict[str, float | str]) -> float:
+    return float(row["MB"])
+
+
+#: the goals, in the words of issue #3 (sizes in MiB of float32 input)
+GOALS = [
+    Goal(
+        "training ≥ 2× faster than torch, NCHW, 1–32 MB",
+        "train_torch_over_bnorm",
+        2.0,
+        True,
+        lambda r: r["layout"] == "NCHW" and 1 <= _mb(r) <= 32,
+    ),
+    Goal(
+        "training ≥ 1.5× faster than torch, (N,C), (N,C,L), channels_last, 1–32 MB",
+        "train_torch_over_bnorm",
+        1.5,
+        True,
+        lambda r: r["layout"] != "NCHW" and 1 <= _mb(r) <= 32,
+    ),
+    Goal(
+        "training ≥ 1.3× faster than torch, 64 MB and more",
+        "train_torch_over_bnorm",
+        1.3,
+        True,
+        lambda r: _mb(r) >= 64,
+    ),
+    Goal(
+        "training ≤ 5× a cold-cache copy, 1–32 MB",
+        "train_bnorm_over_cold_copy",
+        5.0,
+        False,
+        lambda r: 1 <= _mb(r) <= 32,
+    ),
+    Goal(
+        "evaluation ≤ 1.5× x.clone(), 1 MB and more",
+        "eval_bnorm_over_clone",
+        1.5,
+        False,
+        lambda r: _mb(r) >= 1,
+    ),
+    Goal(
+        "tiny tensors: training never slower than torch",
+        "train_torch_over_bnorm",
+        1.0,
+        True,
+        lambda r: _mb(r) < 1,
+    ),
+    Goal(
+        "tiny tensors: evaluation never slower than torch",
+        "eval_torch_over_bnorm",
+        1.0,
+        True,
+        lambda r: _mb(r) < 1,
+    ),
+]
+
+
+def goals_table(rows: Sequence[dict[str, float | str]]) -> tuple[str, int]:
+    """The goals that apply to the measured rows, one line per (goal, case), and how many
+    were missed."""
+    lines = ["| goal | case | measured | met |", "|---|---|---|---|"]
+    missed = 0
+    for goal in GOALS:
+        for row in rows:
+            if not goal.applies(row):
+                continue
+            ok = goal.met(row)
+            missed += not ok
+            lines.append(
+                f"| {goal.text} | {row['layout']} {row['shape']} | "
+                f"{float(row[goal.key]):.2f} | {'yes' if ok else '**no**'} |"
+            )
+    return "\n".join(lines), missed
 
 
 def run(
@@ -305,6 +465,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=Path("benchmarks") / "results",
         help="where the CSV goes (default benchmarks/results)",
     )
+    p.add_argument(
+        "--no-buffer-cache",
+        action="store_true",
+        help="allocate bnorm's outputs with torch.empty, as torch does (no recycled buffers)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_main)
 
@@ -318,17 +483,22 @@ def _main(args: argparse.Namespace) -> int:
     if reps < 1:
         raise SystemExit("bnorm bench: --reps must be at least 1")
     cases = args.case or (QUICK_CASES if args.quick else DEFAULT_CASES)
+    if args.no_buffer_cache:
+        bnorm.set_buffer_cache(0)
     load_before = _load()
     rows, folding = run(cases, reps, args.compile, progress=not args.no_progress)
     load = f"{load_before}/{_load()}"
     version = torch.__version__.split("+")[0]
     print(
         f"\nbnorm {bnorm.__version__}, torch {torch.__version__}, {machine_kind()}, "
-        f"{torch.get_num_threads()} threads, float32, median of {reps} alternating pairs; "
+        f"{torch.get_num_threads()} threads, float32, median of {reps} alternating rounds, "
+        f"output buffer cache {'off' if args.no_buffer_cache else 'on'}; "
         f"1-min load average before/after: {load} (other processes skew absolute times; "
         "threads waiting on busy cores skew multi-threaded ones most)"
     )
     print(markdown_table(rows))
+    table, missed = goals_table(rows)
+    print(f"\nGoals, checked against the numbers above ({missed} missed):\n{table}")
     print(
         f"\nbnorm.fold on a 3-block conv net, eval, batch 8x3x32x32: "
         f"{folding['model_ms']:.3f} ms -> {folding['folded_ms']:.3f} ms "
@@ -339,6 +509,7 @@ def _main(args: argparse.Namespace) -> int:
     # the default run (all cores) is the results file; other thread counts are named apart
     threads = torch.get_num_threads()
     suffix = "" if threads == os.cpu_count() else f"-{threads}thread"
+    suffix += "-nocache" if args.no_buffer_cache else ""
     path = args.results_dir / f"{machine_kind()}-torch{version}{suffix}.csv"
     fields = list(dict.fromkeys(k for row in rows for k in row))
     fold_fields = ["fold_model_ms", "fold_folded_ms", "fold_speedup", "fold_max_rel_error"]
@@ -347,6 +518,7 @@ def _main(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "reps": reps,
+        "buffer_cache": "off" if args.no_buffer_cache else "on",
         "load_before_after": load,
     }
     with path.open("w", newline="") as f:

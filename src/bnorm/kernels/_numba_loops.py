@@ -23,11 +23,13 @@ dtype, while statistics, sums and the arguments of the four-step kernels are flo
 - *runs*, for contiguous data with long spatial runs: each ``x[a, c, :]`` is one channel's
   contiguous run; threads split the ``A * C`` runs.
 
-**Statistics** are float64 sums of ``x - k`` (``k`` = the first value of each channel, close to
-its data), merged across threads by adding the per-thread sums: with one shift for everybody no
-correction term is needed, and float64 keeps the rounding far below float32's resolution, so a
-mean 1e5 standard deviations away from zero costs no precision. The column loops read four rows
-per step so that each float64 accumulator is loaded and stored once per four rows.
+**Statistics** are sums of ``x - k``, ``k`` a per-channel shift close to the data (the mean of
+the channel's first values). Blocks of a few thousand values are summed in the data's dtype
+(16 float32 lanes: as fast as memory delivers them) and each block's sums are added in
+float64; the threads' float64 sums are then added (one shift for everybody: no correction
+term). Rounding in a block grows with ``(mean - k)^2``, so when the result shows that the
+shift was more than 3 standard deviations from the mean, the sums are taken again around the
+mean (one more read, rare). A mean 1e5 standard deviations away from zero costs no precision.
 **Elementwise** loops compute in the data's dtype around ``k`` = the mean rounded to that dtype,
 so the large part of ``x - mean`` is subtracted exactly (Sterbenz) before anything is rounded.
 
@@ -148,33 +150,30 @@ def _rounded(v, like):
 
 
 # --- statistics: sums of (x - k) and (x - k)^2 --------------------------------------------------
-# Columns: blocks of BLOCK_ROWS rows are summed in the data's dtype (vectorized, as fast as
-# reading memory), each block's sums then added in float64. This is precise because k is close
-# to the data: the mean of the channel's first values, and the statistics are taken again
-# around the mean when the result says it was not (see _batch_stats). Runs: float64 all along
-# (a run's sums live in registers, so float64 costs nothing there).
+# Blocks (BLOCK_ROWS rows of the columns, RUN_BLOCK values of a run) are summed in the data's
+# dtype, 16 float32 lanes wide, and each block's sums then added in float64. This is precise
+# because k is close to the data: the mean of the channel's first values, and the statistics
+# are taken again around the mean when the result says it was not (see _batch_stats).
 
 #: rows per block of the column family's sums before they move to float64
 BLOCK_ROWS = 16
+#: values per block of a run's sums before they move to float64
+RUN_BLOCK = 1024
 #: values per channel averaged for the column family's shift
 PILOT = 16
 
 
 @njit(**_OPTS)
 def _shift(x1, A, C, B, W):
-    """The shift ``k`` of the statistics, (C,) in the data's dtype: the channel's first value
-    (runs) or the mean of its first values of ``PILOT`` samples (columns)."""
+    """The shift ``k`` of the statistics, (C,) in the data's dtype: the mean of the channel's
+    first value in each of the first ``PILOT`` samples."""
     k = np.empty(C, x1.dtype)
-    if W == 0:
-        for c in range(C):
-            k[c] = x1[c * B]
-    else:
-        p = min(A, PILOT)
-        for c in range(C):
-            acc = 0.0
-            for a in range(p):
-                acc += np.float64(x1[(a * C + c) * B])
-            k[c] = acc / p
+    p = min(A, PILOT)
+    for c in range(C):
+        acc = 0.0
+        for a in range(p):
+            acc += np.float64(x1[(a * C + c) * B])
+        k[c] = acc / p
     return k
 
 
@@ -190,8 +189,9 @@ def _col_sums(x2, kcol, r0, r1, p1, p2):
             a1[j] = 0
             a2[j] = 0
         for i in range(m, e):
+            xr = x2[i]  # a row: indices from 0 let LLVM drop the negative-index checks
             for j in range(W):
-                d = x2[i, j] - kcol[j]
+                d = xr[j] - kcol[j]
                 a1[j] += d
                 a2[j] += d * d
         for j in range(W):
@@ -207,13 +207,23 @@ def _run_sums(x3, k, r0, r1, o1, o2):
         a = r // C
         c = r - a * C
         xr = x3[a, c]
-        kc = np.float64(k[c])
+        kc = k[c]
         t1 = 0.0
         t2 = 0.0
-        for i in range(xr.shape[0]):
-            d = np.float64(xr[i]) - kc
-            t1 += d
-            t2 += d * d
+        i = 0
+        n = xr.shape[0]
+        while i < n:  # blocks summed in x's dtype (16 lanes), then added in float64
+            e = min(i + RUN_BLOCK, n)
+            xb = xr[i:e]  # a slice: indices from 0 let LLVM drop the negative-index checks
+            u1 = kc - kc
+            u2 = kc - kc
+            for j in range(xb.shape[0]):
+                d = xb[j] - kc
+                u1 += d
+                u2 += d * d
+            t1 += u1
+            t2 += u2
+            i = e
         o1[a, c] = t1
         o2[a, c] = t2
 
@@ -310,7 +320,7 @@ def _batch_stats(x1, A, C, B, nthreads):
     for attempt in range(2):
         s1, s2 = _sums(x1, A, C, B, k, nthreads)
         mean, var, finite = _mean_var(s1, s2, k, A * B)
-        if attempt == 1 or W == 0 or not finite or not _far(mean, var, k):
+        if attempt == 1 or not finite or not _far(mean, var, k):
             break
         k = _rounded(mean, x1)
     return mean, var, finite
@@ -331,10 +341,12 @@ def _col_dots(g2, x2, kcol, r0, r1, p1, p2):
             a1[j] = 0
             a2[j] = 0
         for i in range(m, e):
+            gr = g2[i]  # rows: indices from 0 let LLVM drop the negative-index checks
+            xr = x2[i]
             for j in range(W):
-                g = g2[i, j]
+                g = gr[j]
                 a1[j] += g
-                a2[j] += g * (x2[i, j] - kcol[j])
+                a2[j] += g * (xr[j] - kcol[j])
         for j in range(W):
             p1[j] += a1[j]
             p2[j] += a2[j]
@@ -349,13 +361,24 @@ def _run_dots(g3, x3, k, r0, r1, o1, o2):
         c = r - a * C
         gr = g3[a, c]
         xr = x3[a, c]
-        kc = np.float64(k[c])
+        kc = k[c]
         t1 = 0.0
         t2 = 0.0
-        for i in range(xr.shape[0]):
-            g = np.float64(gr[i])
-            t1 += g
-            t2 += g * (np.float64(xr[i]) - kc)
+        i = 0
+        n = xr.shape[0]
+        while i < n:  # blocks summed in x's dtype (16 lanes), then added in float64
+            e = min(i + RUN_BLOCK, n)
+            gb = gr[i:e]  # slices: indices from 0 let LLVM drop the negative-index checks
+            xb = xr[i:e]
+            u1 = kc - kc
+            u2 = kc - kc
+            for j in range(xb.shape[0]):
+                g = gb[j]
+                u1 += g
+                u2 += g * (xb[j] - kc)
+            t1 += u1
+            t2 += u2
+            i = e
         o1[a, c] = t1
         o2[a, c] = t2
 
@@ -400,8 +423,10 @@ def _dots(g1, x1, A, C, B, mean, nthreads):
 def _col_affine(x2, kc, sc, oc, y2, r0, r1):
     W = x2.shape[1]
     for m in range(r0, r1):
+        xr = x2[m]  # rows: indices from 0 let LLVM drop the negative-index checks
+        yr = y2[m]
         for j in range(W):
-            y2[m, j] = (x2[m, j] - kc[j]) * sc[j] + oc[j]
+            yr[j] = (xr[j] - kc[j]) * sc[j] + oc[j]
 
 
 @njit(**_OPTS)
@@ -456,8 +481,11 @@ def _affine(x1, A, C, B, k, s, o, y1, nthreads):
 def _col_grad(g2, x2, kc, ac, bc, cc, d2, r0, r1):
     W = x2.shape[1]
     for m in range(r0, r1):
+        gr = g2[m]  # rows: indices from 0 let LLVM drop the negative-index checks
+        xr = x2[m]
+        dr = d2[m]
         for j in range(W):
-            d2[m, j] = ac[j] * g2[m, j] + bc[j] * (x2[m, j] - kc[j]) + cc[j]
+            dr[j] = ac[j] * gr[j] + bc[j] * (xr[j] - kc[j]) + cc[j]
 
 
 @njit(**_OPTS)
