@@ -17,6 +17,8 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| N,C | 8x3 |" in out and "| channels_last | 2x3x4x4 |" in out
     assert "bnorm.fold" in out
+    assert "Goals, checked against the numbers above" in out
+    assert "| tiny tensors: training never slower than torch | N,C 8x3 |" in out
     files = list(tmp_path.glob("*.csv"))
     assert len(files) == 1
     assert files[0].name.startswith(f"{bench.machine_kind()}-torch{_torch_version()}")
@@ -24,7 +26,11 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["shape"] for r in rows] == ["8x3", "2x3x4x4", "8x3x32x32"]
     for row in rows[:2]:
-        for key in ("train_torch_over_bnorm", "train_bnorm_over_copy", "eval_bnorm_over_clone"):
+        for key in (
+            "train_torch_over_bnorm",
+            "train_bnorm_over_cold_copy",
+            "eval_bnorm_over_clone",
+        ):
             value = float(row[key])
             assert math.isfinite(value) and value > 0, (key, row[key])
     assert float(rows[2]["fold_max_rel_error"]) < 1e-5
@@ -45,3 +51,33 @@ def test_bad_case_is_refused(text):
 def test_quick_cases_are_a_subset_in_size():
     assert max(c.megabytes for c in bench.QUICK_CASES) < 32
     assert {c.layout for c in bench.DEFAULT_CASES} == {"N,C", "N,C,L", "NCHW", "channels_last"}
+
+
+def _row(layout, mb, **values):
+    row = {"layout": layout, "shape": "s", "MB": mb}
+    row.update(values)
+    return row
+
+
+def test_goals_are_decided_by_the_numbers_at_their_bounds():
+    rows = [
+        _row("NCHW", 12.0, train_torch_over_bnorm=2.0, train_bnorm_over_cold_copy=5.0,
+             eval_bnorm_over_clone=1.5),
+        _row("NCHW", 6.0, train_torch_over_bnorm=1.99, train_bnorm_over_cold_copy=5.01,
+             eval_bnorm_over_clone=1.51),
+        _row("N,C", 8.0, train_torch_over_bnorm=1.5, train_bnorm_over_cold_copy=1.0,
+             eval_bnorm_over_clone=1.0),
+        _row("N,C", 64.0, train_torch_over_bnorm=1.29, train_bnorm_over_cold_copy=9.0,
+             eval_bnorm_over_clone=9.0),
+        _row("N,C", 0.01, train_torch_over_bnorm=1.0, eval_torch_over_bnorm=0.99,
+             train_bnorm_over_cold_copy=99.0, eval_bnorm_over_clone=99.0),
+    ]  # fmt: skip
+    table, missed = bench.goals_table(rows)
+    lines = [line for line in table.splitlines() if line.startswith("| training") or
+             line.startswith("| evaluation") or line.startswith("| tiny")]  # fmt: skip
+    met = {line.rsplit("|", 2)[-2].strip() for line in lines}
+    assert met == {"yes", "**no**"}
+    # 6 MB NCHW misses three goals, 64 MB two (1.3x, and evaluation), tiny evaluation one
+    assert missed == 6
+    # a goal applies only in its size range: only the 1-32 MB cases face the cold-copy bound
+    assert sum("cold-cache copy" in line for line in lines) == 3

@@ -228,3 +228,49 @@ def test_first_use_keeps_torch_thread_count():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize(
+    "shape,cl",
+    [((4096, 8), False), ((64, 8, 6, 6), True), ((40, 3, 9), False), ((32, 4, 50, 50), False)],
+)
+def test_statistics_with_outliers_where_the_shift_is_taken(shape, cl, threading_mode):
+    """The float32 block sums are precise only around a shift near the mean; the shift is taken
+    from the first samples. Make those samples outliers, 1e4 off: the statistics stay exact
+    (in the large batch, the shift is then 16 standard deviations from the mean and the sums
+    are taken again around the mean; a mutation that skips that fails here)."""
+    x = _x(shape, cl, dtype=torch.float64, seed=11)
+    x[: min(16, shape[0])] += 1e4
+    x32 = x.float()
+    x32 = channels_last(x32) if cl else x32
+    mean, var = numba_cpu.statistics(x32)
+    stats = ref.batch_stats(np64(x32))
+    # what matters for the output: the mean's error relative to the spread, and the variance's
+    assert np.all(np.abs(np64(mean) - stats.mean) <= 1e-6 * np.sqrt(stats.var))
+    assert_close(var, stats.var, atol=0, rtol=1e-6, what="var")
+
+
+def test_long_runs_are_summed_in_blocks(threading_mode):
+    """Runs longer than RUN_BLOCK (here 5000 values per run) keep float64 precision overall."""
+    x = _x((3, 2, 5000), False, dtype=torch.float32, offset=1e4, seed=5)
+    mean, var = numba_cpu.statistics(x)
+    stats = ref.batch_stats(np64(x))
+    assert np.all(np.abs(np64(mean) - stats.mean) <= 1e-6 * np.sqrt(stats.var))
+    assert_close(var, stats.var, atol=0, rtol=1e-6, what="var")
+
+
+@pytest.mark.parametrize(
+    "geometry", [(32, 50, 1), (8192, 256, 1), (50176, 64, 1), (100, 3, 1), (4, 5, 6), (7, 3, 1)]
+)
+def test_column_rows_hold_whole_samples(geometry):
+    """The column family's rows are whole samples, wide enough, and whole AVX-512 vectors
+    where the batch allows; the tail is less than one row."""
+    from bnorm.kernels import _numba_loops as loops
+
+    a, c, b = geometry
+    width, rows = loops.plan(a, c, b)
+    assert width % (c * b) == 0 and rows >= 1
+    q = width // (c * b)
+    assert rows * q <= a < (rows + 1) * q
+    if 16 * q <= a and c * b < 16:
+        assert width % 16 == 0

@@ -1,0 +1,167 @@
+"""The output buffer cache (bnorm/kernels/buffers.py): reuse only when nothing can reach a buffer,
+the layouts the kernels write, the cap, and the public switches."""
+
+import gc
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import channels_last
+
+import bnorm
+from bnorm.kernels import buffers
+
+BIG = (256, 1024)  # 1 MiB of float32: above MIN_BYTES
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Each test starts from an empty cache with the default cap, and leaves it so."""
+    before = buffers._cache.max_bytes
+    bnorm.set_buffer_cache(1 << 30)
+    yield
+    bnorm.set_buffer_cache(before)
+
+
+def test_a_released_buffer_is_reused():
+    x = torch.empty(BIG)
+    before = bnorm.buffer_cache_info()
+    a = buffers.empty_like(x)
+    ptr = a.data_ptr()
+    del a
+    b = buffers.empty_like(x)
+    assert b.data_ptr() == ptr
+    info = bnorm.buffer_cache_info()
+    assert (info.hits - before.hits, info.misses - before.misses) == (1, 1)
+
+
+def test_a_buffer_reachable_through_a_view_is_not_reused():
+    x = torch.empty(BIG)
+    a = buffers.empty_like(x)
+    a.fill_(3.0)
+    view = a[10:20, 5:]
+    ptr = a.data_ptr()
+    del a
+    b = buffers.empty_like(x)
+    assert b.data_ptr() != ptr
+    b.fill_(-1.0)
+    assert bool((view == 3.0).all())  # the view's memory was not handed out again
+    del view
+    gc.collect()
+    c = buffers.empty_like(x)
+    assert c.data_ptr() == ptr
+
+
+def test_a_buffer_saved_by_autograd_is_not_reused():
+    """A layer's output that a later op saved for its backward must survive until then."""
+    layer = bnorm.BatchNorm1d(BIG[1], track_running_stats=False)
+    x = torch.randn(BIG, requires_grad=True)
+    (expected,) = torch.autograd.grad((layer(x) * layer(x)).sum(), x)
+    y = layer(x)
+    z = (y * y).sum()  # mul saves y for its backward
+    ptr = y.data_ptr()
+    del y
+    with torch.no_grad():  # new outputs, overwritten, while y is only reachable by autograd
+        others = [layer(torch.randn(BIG)).fill_(7.0) for _ in range(3)]
+    assert all(o.data_ptr() != ptr for o in others)
+    (grad,) = torch.autograd.grad(z, x)
+    assert torch.equal(grad, expected)
+
+
+def test_outputs_kept_across_steps_are_not_overwritten():
+    layer = bnorm.BatchNorm2d(16)
+    kept = []
+    for step in range(4):
+        x = torch.randn(64, 16, 16, 16) + step
+        y = layer(x)
+        kept.append((y, y.detach().clone()))
+    for y, copy in kept:
+        assert torch.equal(y, copy)
+    assert len({y.data_ptr() for y, _ in kept}) == 4
+
+
+@pytest.mark.parametrize("shape", [(64, 16, 16, 16), (8, 16, 8, 8, 8)])
+def test_channels_last_layouts(shape):
+    x = channels_last(torch.empty(shape))
+    y = buffers.empty_like(x)
+    assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
+    assert y.data_ptr() % 64 == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_contiguous_layout_dtype_and_alignment(dtype):
+    x = torch.empty(BIG, dtype=dtype)
+    y = buffers.empty_like(x)
+    assert y.shape == x.shape and y.is_contiguous() and y.dtype == dtype
+    assert y.data_ptr() % 64 == 0
+
+
+def test_small_outputs_come_from_torch():
+    x = torch.empty(8, 8)
+    before = bnorm.buffer_cache_info()
+    y = buffers.empty_like(x)
+    assert y.shape == x.shape
+    after = bnorm.buffer_cache_info()
+    assert (after.hits, after.misses) == (before.hits, before.misses)
+
+
+def test_cap_zero_turns_the_cache_off():
+    bnorm.set_buffer_cache(0)
+    before = bnorm.buffer_cache_info()
+    x = torch.empty(BIG)
+    a = buffers.empty_like(x)
+    del a
+    buffers.empty_like(x)
+    info = bnorm.buffer_cache_info()
+    assert info.max_bytes == 0 and info.cached_bytes == 0 and info.hits == before.hits
+
+
+def test_cap_bounds_the_memory_kept():
+    nbytes = BIG[0] * BIG[1] * 4
+    bnorm.set_buffer_cache(nbytes)  # room for exactly one idle buffer
+    x = torch.empty(BIG)
+    a, b = buffers.empty_like(x), buffers.empty_like(x)
+    del a, b
+    assert bnorm.buffer_cache_info().cached_bytes == nbytes
+
+
+def test_empty_buffer_cache_frees_idle_buffers_only():
+    x = torch.empty(BIG)
+    kept = buffers.empty_like(x)
+    idle = buffers.empty_like(x)
+    del idle
+    assert bnorm.buffer_cache_info().cached_bytes > 0
+    bnorm.empty_buffer_cache()
+    info = bnorm.buffer_cache_info()
+    assert info.cached_bytes == 0 and info.in_use_bytes == kept.numel() * 4
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1", True])
+def test_set_buffer_cache_refuses_bad_sizes(bad):
+    with pytest.raises(ValueError, match="max_bytes"):
+        bnorm.set_buffer_cache(bad)
+
+
+def test_environment_variable_sets_the_cap():
+    code = "import bnorm; print(bnorm.buffer_cache_info().max_bytes)"
+    env = {"BNORM_BUFFER_CACHE_MB": "3", "PATH": ""}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == str(3 * 2**20)
+    env["BNORM_BUFFER_CACHE_MB"] = "lots"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "BNORM_BUFFER_CACHE_MB" in done.stderr
+
+
+def test_layer_results_are_the_same_with_and_without_the_cache():
+    x = torch.randn(128, 32, 8, 8, requires_grad=True)
+    results = []
+    for cap in (1 << 30, 0):
+        bnorm.set_buffer_cache(cap)
+        layer = bnorm.BatchNorm2d(32)
+        x.grad = None
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), x.grad.clone(), layer.running_var.clone()))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

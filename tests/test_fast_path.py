@@ -1,0 +1,190 @@
+"""The layers' fast paths (bnorm/functional.py: fused_forward, _native_small, the fused autograd
+Functions) give what the checked path gives, keep bnorm's guarantees, and fall back correctly."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close, channels_last, exact_normalize, np64
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bnorm
+from bnorm import functional as F
+from bnorm import reference as ref
+from bnorm.modules import batchnorm as bn_module
+
+LAYERS = {2: bnorm.BatchNorm1d, 3: bnorm.BatchNorm1d, 4: bnorm.BatchNorm2d, 5: bnorm.BatchNorm3d}
+
+
+def _run(layer, x, dy):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(dy)
+    return (
+        y.detach(),
+        x.grad,
+        layer.weight.grad.clone() if layer.weight is not None else None,
+        layer.running_mean.clone() if layer.running_mean is not None else None,
+        layer.running_var.clone() if layer.running_var is not None else None,
+    )
+
+
+@given(
+    rank=st.sampled_from([2, 3, 4, 5]),
+    n=st.integers(2, 9),
+    c=st.integers(1, 6),
+    spatial=st.integers(1, 5),
+    cl=st.booleans(),
+    training=st.booleans(),
+    momentum=st.sampled_from([0.1, 0.5, None]),
+    affine=st.booleans(),
+    native=st.booleans(),
+)
+def test_fast_path_equals_checked_path(
+    rank, n, c, spatial, cl, training, momentum, affine, native, monkeypatch
+):
+    """The same layer state and input through the fast path and through the checked path (the
+    fast path switched off) give the same outputs, gradients and running statistics."""
+    monkeypatch.setattr(F, "NATIVE_MAX_NUMEL", 1 << 30 if native else 0)
+    shape = (n, c) + (spatial,) * (rank - 2)
+    g = torch.Generator().manual_seed(n * 100 + c * 10 + spatial)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+    if cl and rank >= 4:
+        x, dy = channels_last(x), channels_last(dy)
+    running_mean = torch.rand(c, generator=g, dtype=torch.float64) * 2 - 1
+    running_var = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    results = []
+    taken = []
+    real = F.fused_forward  # (monkeypatch is not undone between hypothesis examples)
+
+    def spy(*args, **kwargs):
+        y = real(*args, **kwargs)
+        taken.append(y is not None)
+        return y
+
+    for fast in (True, False):
+        monkeypatch.setattr(bn_module, "fused_forward", spy if fast else lambda *a, **k: None)
+        layer = LAYERS[rank](c, momentum=momentum, affine=affine).double()
+        layer.train(training)
+        layer.running_mean.copy_(running_mean)
+        layer.running_var.copy_(running_var)
+        results.append(_run(layer, x, dy))
+    assert taken == [True]  # the fast path did compute the first result
+    for a, b, what in zip(
+        *results, ("y", "dx", "dweight", "running_mean", "running_var"), strict=True
+    ):
+        if a is None:
+            assert b is None
+        else:
+            assert_close(a, b, atol=1e-12, rtol=1e-12, what=what)
+
+
+def test_small_training_input_matches_reference_and_torch():
+    """The demo's case: small input with gradients, through torch's native node."""
+    layer = bnorm.BatchNorm1d(50).double()
+    twin = torch.nn.BatchNorm1d(50).double()
+    for step in range(3):
+        x = torch.randn(32, 50, dtype=torch.float64) * 1.5 + step
+        dy = torch.randn(32, 50, dtype=torch.float64)
+        ours = _run(layer, x, dy)
+        theirs = _run(twin, x, dy)
+        y_ref, cache = ref.forward_train(np64(x), np64(layer.weight), np64(layer.bias))
+        dx_ref = ref.backward(np64(dy), cache)[0]
+        assert_close(ours[0], y_ref, atol=1e-12, what="y")
+        assert_close(ours[1], dx_ref, atol=1e-11, what="dx")
+        for a, b in zip(ours, theirs, strict=True):
+            assert_close(a, b, atol=1e-12, rtol=1e-12)
+        layer.zero_grad()
+        twin.zero_grad()
+    assert int(layer.num_batches_tracked) == 3
+
+
+def test_small_input_cumulative_average_counts_batches():
+    layer = bnorm.BatchNorm1d(8, momentum=None).double()
+    twin = torch.nn.BatchNorm1d(8, momentum=None).double()
+    for seed in range(4):
+        x = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        _run(layer, x, torch.ones_like(x))
+        _run(twin, x, torch.ones_like(x))
+    assert int(layer.num_batches_tracked) == 4
+    assert_close(layer.running_mean, twin.running_mean, atol=1e-14)
+    assert_close(layer.running_var, twin.running_var, atol=1e-14)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+def test_small_input_far_from_zero_stays_precise(offset):
+    """Where torch's kernel would lose digits, the small-input path hands over to bnorm's."""
+    layer = bnorm.BatchNorm1d(50)
+    x = (torch.randn(32, 50, dtype=torch.float64) + offset).float().requires_grad_()
+    y = layer(x)
+    assert np.abs(np64(y) - exact_normalize(x)).max() <= 1e-5
+    y.sum().backward()  # the handed-over computation is differentiable too
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    expected = np64(x).mean(axis=0) * 0.1
+    assert_close(layer.running_mean, expected, atol=1e-3, rtol=1e-6, what="running_mean")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_small_input_nonfinite_batch_leaves_running_stats(bad):
+    layer = bnorm.BatchNorm1d(5)
+    x = torch.randn(16, 5)
+    x[3, 1] = bad
+    with pytest.warns(bnorm.NonFiniteBatchWarning):
+        layer(x.requires_grad_())
+    assert torch.equal(layer.running_mean, torch.zeros(5))
+    assert torch.equal(layer.running_var, torch.ones(5))
+    assert int(layer.num_batches_tracked) == 0
+    layer.on_nonfinite = "raise"
+    with pytest.raises(bnorm.NonFiniteBatchError):
+        layer(x)
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_small_input_double_backward():
+    layer = bnorm.BatchNorm1d(4).double()
+    x = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: layer(t), (x,))
+
+
+@pytest.mark.parametrize("numel", [64, 1 << 16])  # ctx attributes, save_for_backward
+def test_input_modified_in_place_before_backward_raises(numel):
+    layer = bnorm.BatchNorm1d(4)
+    x = torch.randn(numel // 4, 4, requires_grad=True)
+    h = x * 1.0  # a non-leaf we may modify in place
+    y = layer(h)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("shape,cl", [((7, 3), False), ((4, 3, 5, 2), True), ((3, 4, 70), False)])
+def test_eval_mode_gradients_match_reference(shape, cl):
+    """Evaluation with gradients (frozen statistics, e.g. fine-tuning) is fused too."""
+    c = shape[1]
+    layer = bnorm.BatchNorm1d(c) if len(shape) < 4 else bnorm.BatchNorm2d(c)
+    layer = layer.double().eval()
+    layer.running_mean.uniform_(-1, 1)
+    layer.running_var.uniform_(0.5, 2)
+    layer.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(shape, dtype=torch.float64) + 2
+    dy = torch.randn(shape, dtype=torch.float64)
+    if cl:
+        x, dy = channels_last(x), channels_last(dy)
+    y, dx, dw, _, _ = _run(layer, x, dy)
+    args = np64(x), np64(layer.running_mean), np64(layer.running_var)
+    w, b = np64(layer.weight), np64(layer.bias)
+    assert_close(y, ref.forward_eval(*args, w, b, 1e-5), atol=1e-12, what="y")
+    dx_ref, dw_ref, db_ref = ref.backward_eval(np64(dy), *args, w, 1e-5)
+    assert_close(dx, dx_ref, atol=1e-12, what="dx")
+    assert_close(dw, dw_ref, atol=1e-11, what="dweight")
+    assert_close(layer.bias.grad, db_ref, atol=1e-11, what="dbias")
+
+
+def test_eval_mode_gradcheck():
+    layer = bnorm.BatchNorm2d(3).double().eval()
+    layer.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    w, b = layer.weight, layer.bias
+    assert torch.autograd.gradcheck(lambda t, w_, b_: layer(t), (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda t, w_, b_: layer(t), (x, w, b))
