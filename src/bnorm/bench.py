@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -420,11 +423,58 @@ def run(
     reps: int,
     compile: bool = False,
     progress: bool = True,
+    fresh_process: bool = True,
 ) -> tuple[list[dict[str, float | str]], dict[str, float]]:
+    """Measure every case (each in a fresh process by default) and the fold speedup.
+
+    Why a fresh process per case: torch's outputs come from the C library's ``malloc``, whose
+    reuse of freed memory depends on what the process allocated before (after the largest
+    cases it stops returning blocks to the operating system, and torch stops paying page
+    faults). Measured in one process, a case's torch time would depend on the cases run before
+    it; each case therefore starts from the same state, that of a new training process.
+    """
     rows = []
     for case in tqdm(cases, desc="bnorm bench", disable=not progress, unit="case"):
-        rows.append(measure_case(case, reps, compile))
+        if fresh_process:
+            rows.append(_measure_in_subprocess(case, reps, compile))
+        else:
+            rows.append(measure_case(case, reps, compile))
     return rows, measure_fold(reps)
+
+
+def _case_text(case: Case) -> str:
+    short = {"N,C": "nc", "N,C,L": "ncl", "NCHW": "nchw", "channels_last": "cl"}[case.layout]
+    return f"{short}:" + "x".join(map(str, case.shape))
+
+
+def _measure_in_subprocess(case: Case, reps: int, compile: bool) -> dict[str, float | str]:
+    """:func:`measure_case` in a new Python process with this one's settings (threads, the
+    output buffer cache), its row returned as JSON."""
+    from .kernels import buffers
+
+    command = [
+        sys.executable,
+        "-m",
+        "bnorm.bench",
+        _case_text(case),
+        str(reps),
+        str(torch.get_num_threads()),
+        str(buffers.buffer_cache_info().max_bytes),
+        "compile" if compile else "eager",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bnorm bench: measuring {_case_text(case)} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child(argv: Sequence[str]) -> None:
+    """``python -m bnorm.bench CASE REPS THREADS CACHE_BYTES compile|eager``: one row as JSON."""
+    case_text, reps, threads, cache_bytes, mode = argv
+    torch.set_num_threads(int(threads))
+    bnorm.set_buffer_cache(int(cache_bytes))
+    row = measure_case(_parse_case(case_text), int(reps), mode == "compile")
+    print(json.dumps(row))
 
 
 def _parse_case(text: str) -> Case:
@@ -466,6 +516,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="where the CSV goes (default benchmarks/results)",
     )
     p.add_argument(
+        "--one-process",
+        action="store_true",
+        help="measure every case in this process (by default each case gets a fresh one)",
+    )
+    p.add_argument(
         "--no-buffer-cache",
         action="store_true",
         help="allocate bnorm's outputs with torch.empty, as torch does (no recycled buffers)",
@@ -486,12 +541,19 @@ def _main(args: argparse.Namespace) -> int:
     if args.no_buffer_cache:
         bnorm.set_buffer_cache(0)
     load_before = _load()
-    rows, folding = run(cases, reps, args.compile, progress=not args.no_progress)
+    rows, folding = run(
+        cases,
+        reps,
+        args.compile,
+        progress=not args.no_progress,
+        fresh_process=not args.one_process,
+    )
     load = f"{load_before}/{_load()}"
     version = torch.__version__.split("+")[0]
     print(
         f"\nbnorm {bnorm.__version__}, torch {torch.__version__}, {machine_kind()}, "
         f"{torch.get_num_threads()} threads, float32, median of {reps} alternating rounds, "
+        f"{'one process' if args.one_process else 'a fresh process per case'}, "
         f"output buffer cache {'off' if args.no_buffer_cache else 'on'}; "
         f"1-min load average before/after: {load} (other processes skew absolute times; "
         "threads waiting on busy cores skew multi-threaded ones most)"
@@ -544,3 +606,7 @@ def _load() -> str:
 
 def _csv_value(v: float | str) -> float | str:
     return round(v, 5) if isinstance(v, float) else v
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

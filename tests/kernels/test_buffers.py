@@ -165,3 +165,20 @@ def test_layer_results_are_the_same_with_and_without_the_cache():
         results.append((y.detach(), x.grad.clone(), layer.running_var.clone()))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_documented_limit_resize_beyond_the_buffer_raises():
+    y = buffers.empty_like(torch.empty(BIG))
+    with pytest.raises(RuntimeError, match="not resizable"):
+        y.resize_(2 * BIG[0], BIG[1])
+    y.resize_(10, 10)  # within the buffer it works, as for any tensor
+    assert y.shape == (10, 10)
+
+
+def test_evaluation_outputs_below_the_alone_threshold_come_from_torch():
+    x = torch.empty(BIG)
+    before = bnorm.buffer_cache_info()
+    y = buffers.empty_like(x, buffers.MIN_BYTES_ALONE)
+    assert y.shape == x.shape
+    after = bnorm.buffer_cache_info()
+    assert (after.hits, after.misses) == (before.hits, before.misses)

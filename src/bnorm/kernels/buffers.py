@@ -15,10 +15,12 @@ request of the same size reuses it. The test is at the level of the storage, so 
 never reused while anything (a view, autograd, ``.numpy()``) can still reach it.
 
 Limits: outputs smaller than :data:`MIN_BYTES` come from ``torch.empty`` (``malloc`` keeps
-small blocks). At most ``max_bytes`` of buffers not in use are kept (see
-:func:`set_buffer_cache`); a buffer returned beyond that goes back to ``malloc``. The tensors
-handed out behave like any CPU tensor except that their storage cannot be resized in place
-(``y.resize_(larger)`` raises), as for any tensor made by ``torch.from_numpy``.
+small blocks), and so do evaluation outputs up to :data:`MIN_BYTES_ALONE`: allocated alone in
+their call, they get the block the previous call freed. At most ``max_bytes`` of buffers not
+in use are kept (see :func:`set_buffer_cache`); a buffer returned beyond that goes back to
+``malloc``. The tensors handed out behave like any CPU tensor except that their storage
+cannot be resized in place (``y.resize_(larger)`` raises), as for any tensor made by
+``torch.from_numpy``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import Tensor
 
 __all__ = [
     "MIN_BYTES",
+    "MIN_BYTES_ALONE",
     "BufferCacheInfo",
     "buffer_cache_info",
     "empty_buffer_cache",
@@ -44,6 +47,10 @@ __all__ = [
 
 #: outputs smaller than this come from torch.empty (malloc serves them without page faults)
 MIN_BYTES = 1 << 18
+#: the same for an output allocated alone in its call (evaluation): malloc hands the block it
+#: just got back to the next call, without page faults (measured), until the block is too big
+#: for its heap: from 32 MiB on (glibc's largest mmap threshold) it maps fresh pages each time
+MIN_BYTES_ALONE = 1 << 25
 
 _ALIGN = 64  # bytes: a cache line, and one AVX-512 vector
 
@@ -105,7 +112,8 @@ class _Cache:
 
     def take(self, nbytes: int) -> np.ndarray:
         with self._lock:
-            self._drain()
+            if self._returned:
+                self._drain()
             bufs = self._free.get(nbytes)
             if bufs:
                 self.hits += 1
@@ -115,10 +123,6 @@ class _Cache:
         raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
         start = -raw.ctypes.data % _ALIGN
         return raw[start : start + nbytes]
-
-    def track(self, view: np.ndarray, buf: np.ndarray) -> None:
-        ref = weakref.ref(view, self._release)
-        self._live[id(ref)] = (ref, buf)
 
     def clear(self) -> None:
         with self._lock:
@@ -136,22 +140,23 @@ class _Cache:
 _cache = _Cache(_default_max_bytes())
 
 
-def empty_like(x: Tensor) -> Tensor:
-    """An uninitialized tensor of x's shape and float32/float64 dtype, dense in x's layout
-    (contiguous, or channels_last(_3d) when x is); from the cache when it is large enough."""
-    nbytes = x.numel() * x.element_size()
-    if nbytes < MIN_BYTES or _cache.max_bytes <= 0 or x.dtype not in _NUMPY:
+def empty_like(x: Tensor, min_bytes: int = MIN_BYTES) -> Tensor:
+    """An uninitialized tensor of x's shape, dtype and strides (x is dense: contiguous or
+    channels_last(_3d)), float32 or float64; from the cache when it has ``min_bytes`` or more
+    (see :data:`MIN_BYTES` and :data:`MIN_BYTES_ALONE`)."""
+    itemsize = x.element_size()
+    nbytes = x.numel() * itemsize
+    dtype = _NUMPY.get(x.dtype)
+    if nbytes < min_bytes or dtype is None or _cache.max_bytes <= 0:
         return torch.empty_like(x)
     buf = _cache.take(nbytes)
-    if x.is_contiguous():
-        view = buf.view(_NUMPY[x.dtype]).reshape(tuple(x.shape))
-        _cache.track(view, buf)
-        return torch.from_numpy(view)
-    # channels_last(_3d): the memory holds (N, *spatial, C); permute back to (N, C, *spatial)
-    shape = (x.shape[0], *x.shape[2:], x.shape[1])
-    view = buf.view(_NUMPY[x.dtype]).reshape(shape)
-    _cache.track(view, buf)
-    return torch.from_numpy(view).permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    # one view with x's shape and strides: the tensor made from it has x's layout, and the
+    # view is what the tensor's storage holds, so its death says the buffer is free
+    strides = None if x.is_contiguous() else tuple(s * itemsize for s in x.stride())
+    view = np.ndarray(tuple(x.shape), dtype, buf, 0, strides)
+    ref = weakref.ref(view, _cache._release)
+    _cache._live[id(ref)] = (ref, buf)
+    return torch.from_numpy(view)
 
 
 def set_buffer_cache(max_bytes: int) -> None:

@@ -31,6 +31,8 @@ costs about a microsecond of Python; no NumPy array is made on the hot paths.
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import torch
 from torch import Tensor
@@ -59,6 +61,7 @@ __all__ = [
 PARALLEL_MIN_NUMEL = 1 << 15
 
 _COMPILED = (torch.float32, torch.float64)
+_MAX_THREADS = numba.config.NUMBA_NUM_THREADS
 _WIDENED = (torch.bfloat16, torch.float16)
 
 
@@ -81,15 +84,24 @@ def _start_pool() -> None:
     _pool_started = True
 
 
+_numba_threads = threading.local()  # the count this thread last gave numba (thread-local too)
+
+
 def _threads(numel: int) -> int:
     """Threads for a kernel over ``numel`` values: 1 for small tensors, else torch's count."""
     if numel < PARALLEL_MIN_NUMEL:
         return 1
     if not _pool_started:
         _start_pool()
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != want:  # thread-local in numba; a parallel call needs it set
+    want = torch.get_num_threads()
+    if want > _MAX_THREADS:
+        want = _MAX_THREADS
+    # numba's count is per calling thread, and asking numba costs a microsecond: remember what
+    # this thread set (a user who calls numba.set_num_threads directly only changes how many
+    # threads share the same chunks)
+    if getattr(_numba_threads, "count", 0) != want:
         numba.set_num_threads(want)
+        _numba_threads.count = want
     return want
 
 
@@ -369,7 +381,7 @@ def eval_forward(
         flags |= 2
         if bias.dtype is not dt or not bias.is_contiguous():
             bias = bias.detach().to(dt).contiguous()
-    y = buffers.empty_like(x)
+    y = buffers.empty_like(x, buffers.MIN_BYTES_ALONE)
     (loops.eval_forward_f32 if dt is _F32 else loops.eval_forward_f64)(
         x.data_ptr(), y.data_ptr(), a, c, b, rm.data_ptr(), rv.data_ptr(),
         0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
