@@ -306,7 +306,9 @@ def fused_forward(
             return None
         if needs_grad:
             return _FusedEvalFunction.apply(x, weight, bias, running_mean, running_var, eps)
-        return kernels.numba_cpu.eval_forward(x, running_mean, running_var, weight, bias, eps)
+        return kernels.numba_cpu.eval_forward_checked(
+            x, running_mean, running_var, weight, bias, float(eps)
+        )
     if numel <= channels:  # empty, or one value per channel: the checked path says what to do
         return None
     if update:

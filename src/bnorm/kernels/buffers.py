@@ -15,12 +15,10 @@ request of the same size reuses it. The test is at the level of the storage, so 
 never reused while anything (a view, autograd, ``.numpy()``) can still reach it.
 
 Limits: outputs smaller than :data:`MIN_BYTES` come from ``torch.empty`` (``malloc`` keeps
-small blocks), and so do evaluation outputs up to :data:`MIN_BYTES_ALONE`: allocated alone in
-their call, they get the block the previous call freed. At most ``max_bytes`` of buffers not
-in use are kept (see :func:`set_buffer_cache`); a buffer returned beyond that goes back to
-``malloc``. The tensors handed out behave like any CPU tensor except that their storage
-cannot be resized in place (``y.resize_(larger)`` raises), as for any tensor made by
-``torch.from_numpy``.
+small blocks). At most ``max_bytes`` of buffers not in use are kept (see
+:func:`set_buffer_cache`); a buffer returned beyond that goes back to ``malloc``. The tensors
+handed out behave like any CPU tensor except that their storage cannot be resized beyond the
+buffer (``y.resize_(larger)`` raises), as for any tensor made by ``torch.from_numpy``.
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ from torch import Tensor
 
 __all__ = [
     "MIN_BYTES",
-    "MIN_BYTES_ALONE",
     "BufferCacheInfo",
     "buffer_cache_info",
     "empty_buffer_cache",
@@ -47,10 +44,6 @@ __all__ = [
 
 #: outputs smaller than this come from torch.empty (malloc serves them without page faults)
 MIN_BYTES = 1 << 18
-#: the same for an output allocated alone in its call (evaluation): malloc hands the block it
-#: just got back to the next call, without page faults (measured), until the block is too big
-#: for its heap: from 32 MiB on (glibc's largest mmap threshold) it maps fresh pages each time
-MIN_BYTES_ALONE = 1 << 25
 
 _ALIGN = 64  # bytes: a cache line, and one AVX-512 vector
 
@@ -140,14 +133,13 @@ class _Cache:
 _cache = _Cache(_default_max_bytes())
 
 
-def empty_like(x: Tensor, min_bytes: int = MIN_BYTES) -> Tensor:
+def empty_like(x: Tensor) -> Tensor:
     """An uninitialized tensor of x's shape, dtype and strides (x is dense: contiguous or
-    channels_last(_3d)), float32 or float64; from the cache when it has ``min_bytes`` or more
-    (see :data:`MIN_BYTES` and :data:`MIN_BYTES_ALONE`)."""
+    channels_last(_3d)), float32 or float64; from the cache from :data:`MIN_BYTES` on."""
     itemsize = x.element_size()
     nbytes = x.numel() * itemsize
     dtype = _NUMPY.get(x.dtype)
-    if nbytes < min_bytes or dtype is None or _cache.max_bytes <= 0:
+    if nbytes < MIN_BYTES or dtype is None or _cache.max_bytes <= 0:
         return torch.empty_like(x)
     buf = _cache.take(nbytes)
     # one view with x's shape and strides: the tensor made from it has x's layout, and the

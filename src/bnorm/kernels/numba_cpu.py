@@ -46,6 +46,7 @@ __all__ = [
     "backward_reduce",
     "eval_backward",
     "eval_forward",
+    "eval_forward_checked",
     "fused_buffers_ok",
     "geometry",
     "statistics",
@@ -381,13 +382,46 @@ def eval_forward(
         flags |= 2
         if bias.dtype is not dt or not bias.is_contiguous():
             bias = bias.detach().to(dt).contiguous()
-    y = buffers.empty_like(x, buffers.MIN_BYTES_ALONE)
+    y = buffers.empty_like(x)
     (loops.eval_forward_f32 if dt is _F32 else loops.eval_forward_f64)(
         x.data_ptr(), y.data_ptr(), a, c, b, rm.data_ptr(), rv.data_ptr(),
         0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
         flags, float(eps), threads,
     )  # fmt: skip
     return y if y.dtype is x_in.dtype else y.to(x_in.dtype)
+
+
+def eval_forward_checked(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> Tensor:
+    """:func:`eval_forward` for a caller that has checked the per-channel tensors: CPU, dense,
+    of x's dtype, float32 or float64 (the layers' fast path; the fewer Python steps matter on
+    small inputs)."""
+    if x.is_contiguous():
+        c = x.shape[1]
+        n = x.numel()
+        a = x.shape[0]
+        b = n // (a * c)
+    else:
+        x, a, c, b, _ = _prepare(x)
+        n = x.numel()
+    y = buffers.empty_like(x)
+    flags = 0
+    if weight is not None:
+        flags = 1
+    if bias is not None:
+        flags |= 2
+    (loops.eval_forward_f32 if x.dtype is _F32 else loops.eval_forward_f64)(
+        x.data_ptr(), y.data_ptr(), a, c, b, running_mean.data_ptr(), running_var.data_ptr(),
+        0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        flags, eps, 1 if n < PARALLEL_MIN_NUMEL else _threads(n),
+    )  # fmt: skip
+    return y
 
 
 def _format(x: Tensor) -> torch.memory_format:
