@@ -288,8 +288,8 @@ def _sums(x1, A, C, B, k, nthreads):
     if nthreads == 1:
         _sums_part(x1, A, C, B, W, rows, k, kcol, nthreads - 1, nthreads, p1, p2, o1, o2)
     else:
-        for t in prange(nthreads):
-            _sums_part(x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2)
+        for t in prange(nthreads):  # (t is unsigned here: cast, or the part compiles twice)
+            _sums_part(x1, A, C, B, W, rows, k, kcol, np.int64(t), nthreads, p1, p2, o1, o2)
     return _fold(x1, x1, A, C, B, W, rows, k, p1, p2, o1, o2, False)
 
 
@@ -409,7 +409,7 @@ def _dots(g1, x1, A, C, B, mean, nthreads):
         _dots_part(g1, x1, A, C, B, W, rows, k, kcol, nthreads - 1, nthreads, p1, p2, o1, o2)
     else:
         for t in prange(nthreads):
-            _dots_part(g1, x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2)
+            _dots_part(g1, x1, A, C, B, W, rows, k, kcol, np.int64(t), nthreads, p1, p2, o1, o2)
     s1, s2 = _fold(x1, g1, A, C, B, W, rows, k, p1, p2, o1, o2, True)
     for c in range(C):  # sum(dy * (x - mean)) = sum(dy * (x - k)) - (mean - k) * sum(dy)
         s2[c] -= (mean[c] - np.float64(k[c])) * s1[c]
@@ -474,7 +474,7 @@ def _affine(x1, A, C, B, k, s, o, y1, nthreads):
         _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads - 1, nthreads)
     else:
         for t in prange(nthreads):
-            _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, t, nthreads)
+            _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, np.int64(t), nthreads)
 
 
 @njit(**_OPTS)
@@ -550,7 +550,7 @@ def _grad(g1, x1, A, C, B, co, d1, nthreads):
         _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, nthreads - 1, nthreads)
     else:
         for t in prange(nthreads):
-            _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, t, nthreads)
+            _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, np.int64(t), nthreads)
 
 
 # --- per-channel math (serial: C values) --------------------------------------------------------
