@@ -148,7 +148,9 @@ def test_small_input_double_backward():
 
 
 @pytest.mark.parametrize("numel", [64, 1 << 16])  # ctx attributes, save_for_backward
-def test_input_modified_in_place_before_backward_raises(numel):
+@pytest.mark.parametrize("native", [False, True])  # bnorm's Function, torch's node
+def test_input_modified_in_place_before_backward_raises(numel, native, monkeypatch):
+    monkeypatch.setattr(F, "NATIVE_MAX_NUMEL", 1 << 30 if native else 0)
     layer = bnorm.BatchNorm1d(4)
     x = torch.randn(numel // 4, 4, requires_grad=True)
     h = x * 1.0  # a non-leaf we may modify in place

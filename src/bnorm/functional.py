@@ -341,8 +341,9 @@ def fused_forward(
 
 
 #: training inputs needing gradients with fewer values than this take torch's own kernel,
-#: when it is precise enough (see _native_small)
-NATIVE_MAX_NUMEL = 1 << 12
+#: when it is precise enough (see _native_small); measured: below 64K values torch's node was
+#: 5-15% faster than bnorm's kernels behind a Python Function, from 128K values on slower
+NATIVE_MAX_NUMEL = 1 << 16
 #: torch's kernel is used only while every channel's |mean| / std stays below this: its error
 #: grows as about 1.3e-7 times that ratio (measured), so below 8 it is within 1.1e-6
 NATIVE_MAX_RATIO = 8.0
