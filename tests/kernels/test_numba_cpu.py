@@ -218,12 +218,22 @@ def test_numba_threads_follow_torch(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_first_use_keeps_torch_thread_count():
+@pytest.mark.parametrize(
+    "first_call",
+    [
+        "bnorm.BatchNorm2d(8)(torch.randn(64, 8, 16, 16))",  # a parallel kernel
+        # a small input runs on the calling thread, but the first call of any parallel numba
+        # function starts the threading layer all the same (regression: it reset torch's count)
+        "torch.no_grad().__enter__(); bnorm.BatchNorm1d(8)(torch.randn(4, 8))",
+        "bnorm.BatchNorm1d(8).eval()(torch.randn(4, 8))",
+    ],
+)
+def test_first_use_keeps_torch_thread_count(first_call):
     """numba's OpenMP pool, started by bnorm's first kernel, must not reset torch's threads."""
     code = (
         "import torch, bnorm\n"
         "torch.set_num_threads(1)\n"
-        "bnorm.BatchNorm2d(8)(torch.randn(64, 8, 16, 16))\n"
+        f"{first_call}\n"
         "print(torch.get_num_threads())\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

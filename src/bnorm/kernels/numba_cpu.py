@@ -89,11 +89,15 @@ _numba_threads = threading.local()  # the count this thread last gave numba (thr
 
 
 def _threads(numel: int) -> int:
-    """Threads for a kernel over ``numel`` values: 1 for small tensors, else torch's count."""
-    if numel < PARALLEL_MIN_NUMEL:
-        return 1
+    """Threads for a kernel over ``numel`` values: 1 for small tensors, else torch's count.
+
+    Called before every kernel: the first call of any parallel numba function starts numba's
+    threading layer, even one that then runs on the calling thread, so the pool is started
+    here, on purpose, before that (see _start_pool)."""
     if not _pool_started:
         _start_pool()
+    if numel < PARALLEL_MIN_NUMEL:
+        return 1
     want = torch.get_num_threads()
     if want > _MAX_THREADS:
         want = _MAX_THREADS
@@ -287,7 +291,7 @@ def _prepare(x: Tensor) -> tuple[Tensor, int, int, int, int]:
             b = n // (a * c)
         else:
             a, b = n // c, 1
-    return x, a, c, b, 1 if n < PARALLEL_MIN_NUMEL else _threads(n)
+    return x, a, c, b, _threads(n)
 
 
 def _checked_per_channel(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -419,7 +423,7 @@ def eval_forward_checked(
     (loops.eval_forward_f32 if x.dtype is _F32 else loops.eval_forward_f64)(
         x.data_ptr(), y.data_ptr(), a, c, b, running_mean.data_ptr(), running_var.data_ptr(),
         0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-        flags, eps, 1 if n < PARALLEL_MIN_NUMEL else _threads(n),
+        flags, eps, _threads(n),
     )  # fmt: skip
     return y
 
