@@ -223,9 +223,12 @@ def test_numba_threads_follow_torch(monkeypatch):
     [
         "bnorm.BatchNorm2d(8)(torch.randn(64, 8, 16, 16))",  # a parallel kernel
         # a small input runs on the calling thread, but the first call of any parallel numba
-        # function starts the threading layer all the same (regression: it reset torch's count)
-        "torch.no_grad().__enter__(); bnorm.BatchNorm1d(8)(torch.randn(4, 8))",
-        "bnorm.BatchNorm1d(8).eval()(torch.randn(4, 8))",
+        # function starts the threading layer all the same; after torch's own kernel has run
+        # (the small-input path with gradients), that start reset torch's count (regression)
+        "b = bnorm.BatchNorm1d(8); b(torch.randn(4, 8, requires_grad=True)).sum().backward()\n"
+        "with torch.no_grad(): b(torch.randn(4, 8))",
+        "b = bnorm.BatchNorm1d(8); b(torch.randn(4, 8, requires_grad=True)).sum().backward()\n"
+        "b.eval()(torch.randn(4, 8))",
     ],
 )
 def test_first_use_keeps_torch_thread_count(first_call):
