@@ -77,6 +77,13 @@ def check_sizes(layer: str, x: Tensor, tensors: Mapping[str, Tensor | None]) -> 
             )
 
 
+def check_per_channel(layer: str, x: Tensor, tensors: Mapping[str, Tensor | None]) -> None:
+    """:func:`check_sizes` then :func:`check_dtypes`: what a kernel needs of the per-channel
+    tensors it reads (one value per channel, the input's dtype) before it can run."""
+    check_sizes(layer, x, tensors)
+    check_dtypes(layer, x, tensors)
+
+
 def check_eps(layer: str, eps: float, *, allow_zero: bool = False) -> None:
     bad = eps < 0 if allow_zero else eps <= 0
     if bad or math.isnan(eps):

@@ -102,8 +102,7 @@ def batch_norm(
         "weight": weight,
         "bias": bias,
     }
-    _checks.check_sizes(layer, input, per_channel)
-    _checks.check_dtypes(layer, input, per_channel)
+    _checks.check_per_channel(layer, input, per_channel)
     return batch_norm_unchecked(
         input,
         running_mean,
@@ -254,6 +253,7 @@ def _report_nonfinite(layer: str, on_nonfinite: str, stacklevel: int) -> None:
 
 _F32 = torch.float32
 _F64 = torch.float64
+_I64 = torch.int64
 
 
 def fused_forward(
@@ -290,8 +290,12 @@ def fused_forward(
     if (dt is not _F32 and dt is not _F64) or not x.is_cpu:
         return None
     channels = x.shape[1]
+    # the kernels read (and the update writes) one value per channel: a per-channel tensor of
+    # another size, e.g. a replaced parameter, goes to the checked path and its error
     for t in (weight, bias, running_mean, running_var):
-        if t is not None and (t.dtype is not dt or not t.is_cpu or not t.is_contiguous()):
+        if t is not None and (
+            t.dtype is not dt or not t.is_cpu or not t.is_contiguous() or t.numel() != channels
+        ):
             return None
     if not eps > 0 or on_nonfinite not in _checks.NONFINITE_POLICIES:
         return None
@@ -314,8 +318,15 @@ def fused_forward(
     if update:
         if running_mean is None or running_var is None:
             return None
-        if num_batches_tracked is None and momentum is None:
-            return None
+        if num_batches_tracked is None:
+            if momentum is None:
+                return None
+        elif (
+            num_batches_tracked.dtype is not _I64
+            or not num_batches_tracked.is_cpu
+            or num_batches_tracked.numel() != 1
+        ):
+            return None  # the kernels advance it as one int64
     else:
         running_mean = running_var = num_batches_tracked = None
     if needs_grad:
@@ -412,6 +423,12 @@ def _fused_numba(
         return None  # the step-by-step path raises the error that names the problem
     if not numba_cpu.fused_buffers_ok(x, running_mean, running_var):
         return None
+    if num_batches_tracked is not None and (
+        num_batches_tracked.dtype is not _I64
+        or not num_batches_tracked.is_cpu
+        or num_batches_tracked.numel() != 1
+    ):
+        return None  # the kernels advance it as one int64; the step-by-step path uses torch
     if needs_grad:
         state = (running_mean, running_var, num_batches_tracked, momentum, eps, on_nonfinite)
         return _FusedTrainFunction.apply(x, weight, bias, (*state, lambda: layer))

@@ -127,16 +127,13 @@ class _BatchNormBase:
         _checks.check_tensor(name, input)
         _checks.check_rank(name, input, self._ranks, self._layout)
         _checks.check_channels(name, input, self.num_features)
-        _checks.check_dtypes(
-            name,
-            input,
-            {
-                "weight": self.weight,
-                "bias": self.bias,
-                "running_mean": self.running_mean,
-                "running_var": self.running_var,
-            },
-        )
+        per_channel = {
+            "weight": self.weight,
+            "bias": self.bias,
+            "running_mean": self.running_mean,
+            "running_var": self.running_var,
+        }
+        _checks.check_per_channel(name, input, per_channel)
         _checks.check_eps(name, self.eps)
         _checks.check_nonfinite_policy(name, self.on_nonfinite)
         if use_batch_stats:

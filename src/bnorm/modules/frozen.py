@@ -59,7 +59,7 @@ class _FrozenBatchNormBase(nn.Module):
         _checks.check_tensor(name, input)
         _checks.check_rank(name, input, self._ranks, self._layout)
         _checks.check_channels(name, input, self.num_features)
-        _checks.check_dtypes(
+        _checks.check_per_channel(
             name,
             input,
             {

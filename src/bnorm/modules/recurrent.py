@@ -128,10 +128,15 @@ class RecurrentBatchNorm1d(nn.Module):
         _checks.check_rank(name, input, (2,), "(N, C)")
         _checks.check_channels(name, input, self.num_features)
         s = self.step_index(t)
-        _checks.check_dtypes(
+        _checks.check_per_channel(
             name,
             input,
-            {"weight": self.weight, "bias": self.bias, "running_mean": self.running_mean},
+            {
+                "weight": self.weight,
+                "bias": self.bias,
+                f"running_mean[{s}]": self.running_mean[s],
+                f"running_var[{s}]": self.running_var[s],
+            },
         )
         fallback = self.training and self.small_batch == "running" and input.shape[0] == 1
         use_batch_stats = self.training and not fallback

@@ -167,7 +167,7 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
         _checks.check_tensor(name, input)
         self._check_input_dim(input)
         _checks.check_channels(name, input, self.num_features)
-        _checks.check_dtypes(
+        _checks.check_per_channel(
             name,
             input,
             {
