@@ -287,3 +287,47 @@ def test_column_rows_hold_whole_samples(geometry):
     assert rows * q <= a < (rows + 1) * q
     if 16 * q <= a and c * b < 16:
         assert width % 16 == 0
+
+
+# --- direct calls with mismatched sizes: an error, never a read past an end ----------------------
+
+
+def _step_calls(x, dy, good, bad):
+    """Each step called with one argument of the wrong size (``bad``) and the rest right."""
+    s = good
+    return {
+        "transform mean": lambda: numba_cpu.transform(x, bad, s, s, s),
+        "transform invstd": lambda: numba_cpu.transform(x, s, bad, s, s),
+        "transform weight": lambda: numba_cpu.transform(x, s, s, bad, None),
+        "transform bias": lambda: numba_cpu.transform(x, s, s, None, bad),
+        "backward_reduce mean": lambda: numba_cpu.backward_reduce(dy, x, bad),
+        "backward_elementwise weight": lambda: numba_cpu.backward_elementwise(
+            dy, x, s, s, bad, s, s, 10
+        ),
+        "backward_elementwise sum_dy": lambda: numba_cpu.backward_elementwise(
+            dy, x, s, s, s, bad, s, 10
+        ),
+    }
+
+
+@pytest.mark.parametrize("call", list(_step_calls(*[None] * 4)))
+def test_steps_refuse_per_channel_tensors_of_another_size(call):
+    x = torch.randn(5, 8, 4, 4)
+    dy = torch.randn_like(x)
+    good = torch.ones(8, dtype=torch.float64)
+    bad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="should contain 8 elements"):
+        _step_calls(x, dy, good, bad)[call]()
+
+
+def test_backward_refuses_a_gradient_of_another_shape():
+    x = torch.randn(5, 8, 4, 4)
+    m = torch.zeros(8, dtype=torch.float64)
+    small = torch.randn(5, 8, 2, 2)
+    with pytest.raises(ValueError, match=r"gradient has shape \(5, 8, 2, 2\)"):
+        numba_cpu.backward_reduce(small, x, m)
+    with pytest.raises(ValueError, match="gradient has shape"):
+        numba_cpu.backward_elementwise(small, x, m, m + 1, None, m, m, 10)
+    stats = torch.cat([m, m + 1])
+    with pytest.raises(ValueError, match="gradient has shape"):
+        numba_cpu.train_backward(small, x, stats, None, None, (True, False, False))

@@ -134,8 +134,29 @@ def _layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def _same_shape(dy: Tensor, x: Tensor) -> None:
+    # the loops read dy at x's offsets: another shape would read past dy's end
+    if dy.shape != x.shape:
+        raise ValueError(
+            f"batch norm backward: the gradient has shape {tuple(dy.shape)}, the input "
+            f"{tuple(x.shape)}; they must be equal"
+        )
+
+
+def _channels(step: str, c: int, tensors: dict[str, Tensor | None]) -> None:
+    # the loops read C values of each per-channel tensor: fewer would read past its end (the
+    # layers and bnorm.functional check first; this keeps direct calls of a step safe too)
+    for name, t in tensors.items():
+        if t is not None and t.numel() != c:
+            raise ValueError(
+                f"bnorm.kernels.numba_cpu.{step}: {name} should contain {c} elements (one per "
+                f"channel), got {t.numel()}"
+            )
+
+
 def _like(t: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` (x's shape: an incoming gradient) dense in x's layout and of ``dtype``."""
+    _same_shape(t, x)
     t = t.to(dtype)
     if x.is_contiguous():
         return t.contiguous()
@@ -190,6 +211,7 @@ def transform(
     x_in = _layout(x)
     x = _compute(x_in)
     a, c, b = geometry(x)
+    _channels("transform", c, {"mean": mean, "invstd": invstd, "weight": weight, "bias": bias})
     y = buffers.empty_like(x)
     m, s = _f64(mean), _f64(invstd)
     w = None if weight is None else _f64(weight)
@@ -210,6 +232,7 @@ def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor
     x = _compute(_layout(x))
     dy = _like(dy, x, x.dtype)
     a, c, b = geometry(x)
+    _channels("backward_reduce", c, {"mean": mean})
     m = _f64(mean)
     out = torch.empty((2, c), dtype=torch.float64)
     kernel = loops.backward_reduce_f32 if x.dtype == torch.float32 else loops.backward_reduce_f64
@@ -242,6 +265,12 @@ def backward_elementwise(
     x = _compute(x_in)
     dy = _like(dy, x, x.dtype)
     a, c, b = geometry(x)
+    _channels(
+        "backward_elementwise",
+        c,
+        {"mean": mean, "invstd": invstd, "weight": weight, "sum_dy": sum_dy,
+         "sum_dy_xmu": sum_dy_xmu},
+    )  # fmt: skip
     m, s = _f64(mean), _f64(invstd)
     w = None if weight is None else _f64(weight)
     sums = torch.stack([_f64(sum_dy), _f64(sum_dy_xmu)])
@@ -473,6 +502,7 @@ def train_backward(
     ``dweight = sum(dy * (x - mean)) * invstd`` and ``dbias = sum(dy)``; ``dx`` as in
     :func:`backward_elementwise` with ``count`` = the values per channel of ``x``.
     """
+    _same_shape(dy, x)
     x_in = x
     x, a, c, b, threads = _prepare(x)
     dt = x.dtype
@@ -520,6 +550,7 @@ def eval_backward(
     need_x = needs[0]
     need_w = needs[1] and weight is not None
     need_b = needs[2] and bias is not None
+    _same_shape(dy, x)
     x_in = x
     x, a, c, b, threads = _prepare(x)
     dt = x.dtype
