@@ -256,6 +256,12 @@ _F64 = torch.float64
 _I64 = torch.int64
 
 
+def _kernel_counter(num_batches_tracked: Tensor) -> bool:
+    """Whether the compiled update can advance the counter: it writes one int64 in place."""
+    t = num_batches_tracked
+    return t.dtype is _I64 and t.is_cpu and t.numel() == 1
+
+
 def fused_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -321,12 +327,8 @@ def fused_forward(
         if num_batches_tracked is None:
             if momentum is None:
                 return None
-        elif (
-            num_batches_tracked.dtype is not _I64
-            or not num_batches_tracked.is_cpu
-            or num_batches_tracked.numel() != 1
-        ):
-            return None  # the kernels advance it as one int64
+        elif not _kernel_counter(num_batches_tracked):
+            return None
     else:
         running_mean = running_var = num_batches_tracked = None
     if needs_grad:
@@ -423,12 +425,8 @@ def _fused_numba(
         return None  # the step-by-step path raises the error that names the problem
     if not numba_cpu.fused_buffers_ok(x, running_mean, running_var):
         return None
-    if num_batches_tracked is not None and (
-        num_batches_tracked.dtype is not _I64
-        or not num_batches_tracked.is_cpu
-        or num_batches_tracked.numel() != 1
-    ):
-        return None  # the kernels advance it as one int64; the step-by-step path uses torch
+    if num_batches_tracked is not None and not _kernel_counter(num_batches_tracked):
+        return None  # the step-by-step path advances it with torch ops
     if needs_grad:
         state = (running_mean, running_var, num_batches_tracked, momentum, eps, on_nonfinite)
         return _FusedTrainFunction.apply(x, weight, bias, (*state, lambda: layer))
