@@ -31,6 +31,10 @@ SHAPES = [
     ((3, 4, 2, 3, 5), False),
     ((3, 4, 2, 3, 5), True),
     ((9, 6, 1), False),
+    # runs of RUN_MIN values and more (the run family); 15 and 9 runs split over 2 threads in
+    # the middle of a channel's sequence, so a thread's first run is not channel 0
+    ((3, 5, 40), False),
+    ((3, 3, 6, 7), False),
 ]
 
 
