@@ -199,9 +199,8 @@ def _flush_caches() -> None:
     """Read a buffer twice the last-level cache's size, so that nothing else stays cached.
 
     Read, not written: a written flush leaves the caches full of dirty lines whose write-back
-    lands on whatever runs next. Either way a flush slows the next function (measured: bnorm's
-    training 10-20% slower right after one, read or written, even after an untimed call),
-    which is why the cold copy is timed in rounds of its own (see measure_case)."""
+    lands on whatever runs next. Either way a flush slows the next function, which is why the
+    cold copy is timed in rounds of its own (see measure_case)."""
     global _flush_buffer
     if _flush_buffer is None:
         _flush_buffer = torch.ones(2 * _llc_bytes() // 4)

@@ -286,7 +286,7 @@ def fused_forward(
     with ``num_batches_tracked``) move towards the batch's; in evaluation
     (``use_batch_stats=False``) they normalize. ``layer`` gives the layer's name for messages
     (called only when one is needed). Arguments are positional: on a 1 MB evaluation the
-    whole Python path costs about a third of the kernel, and keywords add to it.
+    Python around the kernel costs most of the kernel's own time, and keywords add to it.
     """
     # The order of the tests puts the cheapest and most selective first; each is a few tens of
     # nanoseconds, against the microseconds of the checked path.

@@ -144,8 +144,9 @@ def _zeros(shape):
 def _padded(W):
     """A row length of at least ``W`` float64 values for per-thread accumulators: a multiple of
     a cache line plus one line, so that two threads' rows never share a cache line whatever the
-    array's alignment (measured: the line at the boundary, written by both threads every block
-    of rows, cost the column statistics 15-25% on 2 threads)."""
+    array's alignment (measured on 2 threads: channels_last 6 MB statistics 296 -> 278 and
+    350 -> 303 us in two runs; the line at the boundary is written by both threads every block
+    of rows)."""
     return (W + 7) // 8 * 8 + 8
 
 

@@ -163,7 +163,7 @@ class _BatchNormBase:
             params, buffers = self._parameters, self._buffers
             running_mean = buffers.get("running_mean")
             training = self.training
-            y = fused_forward(  # positional: keywords cost a microsecond here
+            y = fused_forward(  # positional arguments: see fused_forward
                 input,
                 params.get("weight"),
                 params.get("bias"),
