@@ -1,5 +1,6 @@
-"""The layers' fast paths (bnorm/functional.py: fused_forward, _native_small, the fused autograd
-Functions) give what the checked path gives, keep bnorm's guarantees, and fall back correctly."""
+"""The layers' fast paths (bnorm/functional.py: fused_forward, fused_eval, _native_small, the
+fused autograd Functions) give what the checked path gives, keep bnorm's guarantees, and fall
+back correctly."""
 
 import numpy as np
 import pytest
@@ -16,14 +17,17 @@ from bnorm.modules import batchnorm as bn_module
 LAYERS = {2: bnorm.BatchNorm1d, 3: bnorm.BatchNorm1d, 4: bnorm.BatchNorm2d, 5: bnorm.BatchNorm3d}
 
 
-def _run(layer, x, dy):
-    x = x.clone().requires_grad_()
-    y = layer(x)
-    y.backward(dy)
+def _run(layer, x, dy, grad=True):
+    """Outputs, gradients (``grad``: with autograd, else under ``no_grad``) and running stats."""
+    x = x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    if grad:
+        y.backward(dy)
     return (
         y.detach(),
         x.grad,
-        layer.weight.grad.clone() if layer.weight is not None else None,
+        layer.weight.grad.clone() if layer.weight is not None and grad else None,
         layer.running_mean.clone() if layer.running_mean is not None else None,
         layer.running_var.clone() if layer.running_var is not None else None,
     )
@@ -39,12 +43,14 @@ def _run(layer, x, dy):
     momentum=st.sampled_from([0.1, 0.5, None]),
     affine=st.booleans(),
     native=st.booleans(),
+    grad=st.booleans(),
 )
 def test_fast_path_equals_checked_path(
-    rank, n, c, spatial, cl, training, momentum, affine, native, monkeypatch
+    rank, n, c, spatial, cl, training, momentum, affine, native, grad, monkeypatch
 ):
     """The same layer state and input through the fast path and through the checked path (the
-    fast path switched off) give the same outputs, gradients and running statistics."""
+    fast path switched off) give the same outputs, gradients and running statistics, with
+    autograd and without (evaluation under ``no_grad`` is the inference case)."""
     monkeypatch.setattr(F, "NATIVE_MAX_NUMEL", 1 << 30 if native else 0)
     shape = (n, c) + (spatial,) * (rank - 2)
     g = torch.Generator().manual_seed(n * 100 + c * 10 + spatial)
@@ -56,20 +62,25 @@ def test_fast_path_equals_checked_path(
     running_var = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
     results = []
     taken = []
-    real = F.fused_forward  # (monkeypatch is not undone between hypothesis examples)
 
-    def spy(*args, **kwargs):
-        y = real(*args, **kwargs)
-        taken.append(y is not None)
-        return y
+    def spy(real):
+        def call(*args, **kwargs):
+            y = real(*args, **kwargs)
+            taken.append(y is not None)
+            return y
 
+        return call
+
+    # (monkeypatch is not undone between hypothesis examples: the real functions come from F)
     for fast in (True, False):
-        monkeypatch.setattr(bn_module, "fused_forward", spy if fast else lambda *a, **k: None)
+        for name in ("fused_forward", "fused_eval"):  # training and evaluation
+            real = getattr(F, name)
+            monkeypatch.setattr(bn_module, name, spy(real) if fast else lambda *a, **k: None)
         layer = LAYERS[rank](c, momentum=momentum, affine=affine).double()
         layer.train(training)
         layer.running_mean.copy_(running_mean)
         layer.running_var.copy_(running_var)
-        results.append(_run(layer, x, dy))
+        results.append(_run(layer, x, dy, grad))
     assert taken == [True]  # the fast path did compute the first result
     for a, b, what in zip(
         *results, ("y", "dx", "dweight", "running_mean", "running_var"), strict=True

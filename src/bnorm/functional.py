@@ -262,6 +262,51 @@ def _kernel_counter(num_batches_tracked: Tensor) -> bool:
     return t.dtype is _I64 and t.is_cpu and t.numel() == 1
 
 
+def fused_eval(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor | None,
+    eps: float,
+) -> Tensor | None:
+    """The layers' fast path in evaluation: ``y = (x - running_mean) / sqrt(running_var + eps)
+    * weight + bias`` by one compiled pass; ``None`` when anything is unusual (the caller then
+    takes the checked path, whose errors name the problem).
+
+    The common case is :func:`fused_forward`'s: a plain CPU float32/float64 tensor ``(N, C,
+    *)`` of at least one value, contiguous or channels_last(_3d), per-channel tensors of ``C``
+    values of its dtype, contiguous, on the CPU, a positive ``eps`` and the numba backend. The
+    layers call it directly in evaluation with only what evaluation reads: on a 1 MB input the
+    Python around the kernel costs about half a ``clone()``, and every argument and test counts.
+    """
+    # the cheapest and most selective tests first; each costs tens of nanoseconds
+    if type(x) is not Tensor or kernels._forced is not None or kernels.numba_cpu is None:
+        return None
+    dt = x.dtype
+    if (dt is not _F32 and dt is not _F64) or not x.is_cpu or not eps > 0 or running_var is None:
+        return None
+    channels = x.shape[1]
+    # the kernel reads one value per channel: a per-channel tensor of another size, e.g. a
+    # replaced parameter, goes to the checked path and its error
+    for t in (weight, bias, running_mean, running_var):
+        if t is not None and (
+            t.dtype is not dt or not t.is_cpu or not t.is_contiguous() or t.numel() != channels
+        ):
+            return None
+    if x.numel() == 0:  # an empty batch: the checked path returns an empty result
+        return None
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return _FusedEvalFunction.apply(x, weight, bias, running_mean, running_var, eps)
+    return kernels.numba_cpu.eval_forward_checked(
+        x, running_mean, running_var, weight, bias, float(eps)
+    )
+
+
 def fused_forward(
     x: Tensor,
     weight: Tensor | None,
@@ -311,13 +356,9 @@ def fused_forward(
         or (bias is not None and bias.requires_grad)
     )
     if not use_batch_stats:
-        if running_mean is None or running_var is None or x.numel() == 0:
+        if running_mean is None or running_var is None:
             return None
-        if needs_grad:
-            return _FusedEvalFunction.apply(x, weight, bias, running_mean, running_var, eps)
-        return kernels.numba_cpu.eval_forward_checked(
-            x, running_mean, running_var, weight, bias, float(eps)
-        )
+        return fused_eval(x, weight, bias, running_mean, running_var, eps)
     numel = x.numel()
     if numel <= channels:  # empty, or one value per channel: the checked path says what to do
         return None

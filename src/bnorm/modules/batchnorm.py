@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from ..functional import batch_norm_unchecked, fused_forward
+from ..functional import batch_norm_unchecked, fused_eval, fused_forward
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -163,20 +163,30 @@ class _BatchNormBase:
             params, buffers = self._parameters, self._buffers
             running_mean = buffers.get("running_mean")
             training = self.training
-            y = fused_forward(  # positional arguments: see fused_forward
-                input,
-                params.get("weight"),
-                params.get("bias"),
-                running_mean,
-                buffers.get("running_var"),
-                buffers.get("num_batches_tracked"),
-                training or running_mean is None,
-                training and self.track_running_stats,
-                self.momentum,
-                self.eps,
-                self.on_nonfinite,
-                self._layer_name,
-            )
+            if training or running_mean is None:  # normalized by the batch's statistics
+                y = fused_forward(  # positional arguments: see fused_forward
+                    input,
+                    params.get("weight"),
+                    params.get("bias"),
+                    running_mean,
+                    buffers.get("running_var"),
+                    buffers.get("num_batches_tracked"),
+                    True,
+                    training and self.track_running_stats,
+                    self.momentum,
+                    self.eps,
+                    self.on_nonfinite,
+                    self._layer_name,
+                )
+            else:  # evaluation: the running statistics normalize, nothing is updated
+                y = fused_eval(
+                    input,
+                    params.get("weight"),
+                    params.get("bias"),
+                    running_mean,
+                    buffers.get("running_var"),
+                    self.eps,
+                )
             if y is not None:
                 return y
         fallback = self._uses_running_stats_for(input)
