@@ -6,10 +6,11 @@ import argparse
 import platform
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version
 
 import torch
 
-from . import __version__, bench, demo
+from . import __version__, bench, demo, kernels
 from .kernels import BACKENDS
 from .lab import cli as lab_cli
 
@@ -19,6 +20,11 @@ def _info(args: argparse.Namespace) -> int:
     print(f"python {platform.python_version()} on {platform.machine()}, {platform.system()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
     print(f"kernel backends: {', '.join(sorted(BACKENDS))}")
+    if kernels.numba_cpu is not None:
+        print(
+            f"numba {version('numba')}: training kernels on numba's pool, evaluation on "
+            f"{kernels.numba_cpu.eval_thread_pool()}"
+        )
     return 0
 
 

@@ -87,8 +87,27 @@ def test_fused_training_forward_backward_and_running_stats(shape, cl, threading_
     assert is_channels_last(x.grad) if cl else x.grad.is_contiguous()
 
 
+@pytest.fixture(params=["torch_pool", "numba_pool"])
+def eval_pool(request, monkeypatch):
+    """The evaluation pass on torch's OpenMP pool (where torch's runtime was found) and on
+    numba's (the fallback elsewhere)."""
+    if request.param == "torch_pool" and not numba_cpu._TORCH_OPENMP_AT:
+        pytest.skip("torch's OpenMP runtime not found in this process")
+    if request.param == "numba_pool":
+        monkeypatch.setattr(numba_cpu, "_TORCH_OPENMP_AT", 0)
+    return request.param
+
+
+def test_torch_openmp_runtime_is_found_on_linux():
+    """Linux wheels of torch run on GNU OpenMP: bnorm must find it there, or evaluation would
+    silently run on the second pool."""
+    if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("not a GNU OpenMP build of torch on Linux")
+    assert numba_cpu._TORCH_OPENMP_AT != 0
+
+
 @pytest.mark.parametrize("shape,cl", SHAPES)
-def test_fused_eval_forward(shape, cl, threading_mode):
+def test_fused_eval_forward(shape, cl, threading_mode, eval_pool):
     c = shape[1]
     x = _x(shape, cl, dtype=torch.float32, offset=1.0)
     w, b = torch.rand(c) + 0.5, torch.randn(c)

@@ -23,7 +23,10 @@ and the output is rounded back: two extra passes over a half-size tensor.
 
 Threads: the loops use ``torch.get_num_threads()`` threads (capped by numba's pool), so
 ``torch.set_num_threads`` governs both. Tensors below :data:`PARALLEL_MIN_NUMEL` elements run
-on the calling thread: waking the pool costs more than they take.
+on the calling thread: waking the pool costs more than they take. The evaluation pass runs on
+torch's own OpenMP thread pool where torch uses GNU OpenMP (Linux), the other kernels on
+numba's (see ``_numba_loops``, "evaluation on torch's OpenMP thread pool");
+``BNORM_TORCH_POOL=0`` puts evaluation back on numba's.
 
 Overhead: the compiled entry points take addresses (``tensor.data_ptr()``) and sizes, so a call
 costs about a microsecond of Python; no NumPy array is made on the hot paths.
@@ -31,9 +34,13 @@ costs about a microsecond of Python; no NumPy array is made on the hot paths.
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
 import threading
 
 import numba
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,6 +54,7 @@ __all__ = [
     "eval_backward",
     "eval_forward",
     "eval_forward_checked",
+    "eval_thread_pool",
     "fused_buffers_ok",
     "geometry",
     "statistics",
@@ -83,6 +91,47 @@ def _start_pool() -> None:
     loops.start_pool(2)
     torch.set_num_threads(threads)
     _pool_started = True
+
+
+def _torch_openmp() -> np.ndarray | None:
+    """The addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` in the OpenMP runtime that
+    torch's own kernels run on (int64 array of two), or ``None``: torch not built with GNU
+    OpenMP (its wheels for Linux are), the runtime not found among torch's libraries, or
+    ``BNORM_TORCH_POOL=0``.
+
+    The evaluation pass then runs on torch's thread pool rather than numba's (see
+    ``_numba_loops``, "evaluation on torch's OpenMP thread pool"). Only a runtime the process
+    has already loaded is taken (``RTLD_NOLOAD``): the one torch's libraries loaded.
+    """
+    if os.environ.get("BNORM_TORCH_POOL", "1") == "0" or not hasattr(os, "RTLD_NOLOAD"):
+        return None
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    root = os.path.dirname(torch.__file__)
+    candidates = glob.glob(os.path.join(root, "lib", "libgomp*.so*"))
+    candidates += glob.glob(os.path.join(os.path.dirname(root), "torch.libs", "libgomp*.so*"))
+    for path in sorted(candidates):
+        try:
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            launch, thread = lib.GOMP_parallel, lib.omp_get_thread_num
+        except (OSError, AttributeError):
+            continue
+        addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in (launch, thread)]
+        return np.array(addresses, dtype=np.int64)
+    return None
+
+
+#: torch's OpenMP runtime (see _torch_openmp), kept alive here; the kernels get its address
+_TORCH_OPENMP = _torch_openmp()
+_TORCH_OPENMP_AT = 0 if _TORCH_OPENMP is None else _TORCH_OPENMP.ctypes.data
+#: the evaluation callbacks' addresses (float32, float64), made at the first evaluation
+_eval_shares: tuple[int, int] | None = None
+
+
+def eval_thread_pool() -> str:
+    """The thread pool the evaluation pass runs on: ``"torch's OpenMP pool"`` or ``"numba's
+    pool"`` (the training kernels run on numba's)."""
+    return "torch's OpenMP pool" if _TORCH_OPENMP_AT else "numba's pool"
 
 
 _numba_threads = threading.local()  # the count this thread last gave numba (thread-local too)
@@ -416,8 +465,8 @@ def eval_forward(
         if bias.dtype is not dt or not bias.is_contiguous():
             bias = bias.detach().to(dt).contiguous()
     y = buffers.empty_like(x)
-    (loops.eval_forward_f32 if dt is _F32 else loops.eval_forward_f64)(
-        x.data_ptr(), y.data_ptr(), a, c, b, rm.data_ptr(), rv.data_ptr(),
+    _eval_call(
+        dt is _F32, x.data_ptr(), y.data_ptr(), a, c, b, rm.data_ptr(), rv.data_ptr(),
         0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
         flags, float(eps), threads,
     )  # fmt: skip
@@ -449,12 +498,38 @@ def eval_forward_checked(
         flags = 1
     if bias is not None:
         flags |= 2
-    (loops.eval_forward_f32 if x.dtype is _F32 else loops.eval_forward_f64)(
-        x.data_ptr(), y.data_ptr(), a, c, b, running_mean.data_ptr(), running_var.data_ptr(),
-        0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-        flags, eps, _threads(n),
+    _eval_call(
+        x.dtype is _F32, x.data_ptr(), y.data_ptr(), a, c, b, running_mean.data_ptr(),
+        running_var.data_ptr(), 0 if weight is None else weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(), flags, eps, _threads(n),
     )  # fmt: skip
     return y
+
+
+def _eval_call(
+    f32: bool, px: int, py: int, a: int, c: int, b: int, prm: int, prv: int, pw: int,
+    pb: int, flags: int, eps: float, threads: int,
+) -> None:  # fmt: skip
+    """The evaluation kernel: on torch's OpenMP pool where found, else on numba's."""
+    global _eval_shares
+    if _TORCH_OPENMP_AT:
+        shares = _eval_shares
+        if shares is None:
+            shares = _eval_shares = loops.eval_share_addresses()
+        if f32:
+            loops.eval_forward_omp_f32(
+                px, py, a, c, b, prm, prv, pw, pb, flags, eps, threads, _TORCH_OPENMP_AT,
+                shares[0],
+            )  # fmt: skip
+        else:
+            loops.eval_forward_omp_f64(
+                px, py, a, c, b, prm, prv, pw, pb, flags, eps, threads, _TORCH_OPENMP_AT,
+                shares[1],
+            )  # fmt: skip
+    else:
+        (loops.eval_forward_f32 if f32 else loops.eval_forward_f64)(
+            px, py, a, c, b, prm, prv, pw, pb, flags, eps, threads
+        )
 
 
 def _format(x: Tensor) -> torch.memory_format:
