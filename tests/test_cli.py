@@ -26,7 +26,7 @@ def test_info(capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     assert "torch" in text and "torch_ops" in text
-    pools = ("evaluation on torch's OpenMP pool", "evaluation on numba's pool")
+    pools = ("kernels on torch's OpenMP pool", "kernels on numba's pool")
     assert any(pool in text for pool in pools)
 
 

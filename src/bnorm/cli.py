@@ -21,10 +21,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
     print(f"kernel backends: {', '.join(sorted(BACKENDS))}")
     if kernels.numba_cpu is not None:
-        print(
-            f"numba {version('numba')}: training kernels on numba's pool, evaluation on "
-            f"{kernels.numba_cpu.eval_thread_pool()}"
-        )
+        print(f"numba {version('numba')}: kernels on {kernels.numba_cpu.thread_pool()}")
     return 0
 
 

@@ -38,15 +38,28 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=["serial", "threads1", "threads2"])
+@pytest.fixture(params=["serial", "threads1", "threads2", "threads2-numba-pool"])
 def threading_mode(request, monkeypatch):
-    """Serial loops; parallel loops on 1 thread; parallel loops on 2 threads."""
+    """Serial loops; parallel loops on 1 thread; on 2 threads of torch's OpenMP pool (where
+    torch's runtime was found, else numba's); on 2 threads of numba's pool (the fallback)."""
     before = torch.get_num_threads()
     if request.param != "serial":
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 1)
-    torch.set_num_threads(2 if request.param == "threads2" else 1)
+    if request.param == "threads2-numba-pool":
+        monkeypatch.setattr(numba_cpu, "_pools", {torch.float32: 0, torch.float64: 0})
+    torch.set_num_threads(1 if request.param == "threads1" else 2)
     yield request.param
     torch.set_num_threads(before)
+
+
+def test_torch_openmp_runtime_is_found_on_linux():
+    """Linux wheels of torch run on GNU OpenMP: bnorm must find its runtime there, or the
+    kernels would silently run on a second pool of threads."""
+    if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("not a GNU OpenMP build of torch on Linux")
+    assert numba_cpu._TORCH_OPENMP is not None
+    assert numba_cpu.thread_pool() == "torch's OpenMP pool"
+    assert numba_cpu._pool(torch.float32) != 0
 
 
 def _x(shape, cl, dtype=torch.float64, offset=0.0, seed=0):
@@ -87,27 +100,8 @@ def test_fused_training_forward_backward_and_running_stats(shape, cl, threading_
     assert is_channels_last(x.grad) if cl else x.grad.is_contiguous()
 
 
-@pytest.fixture(params=["torch_pool", "numba_pool"])
-def eval_pool(request, monkeypatch):
-    """The evaluation pass on torch's OpenMP pool (where torch's runtime was found) and on
-    numba's (the fallback elsewhere)."""
-    if request.param == "torch_pool" and not numba_cpu._TORCH_OPENMP_AT:
-        pytest.skip("torch's OpenMP runtime not found in this process")
-    if request.param == "numba_pool":
-        monkeypatch.setattr(numba_cpu, "_TORCH_OPENMP_AT", 0)
-    return request.param
-
-
-def test_torch_openmp_runtime_is_found_on_linux():
-    """Linux wheels of torch run on GNU OpenMP: bnorm must find it there, or evaluation would
-    silently run on the second pool."""
-    if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
-        pytest.skip("not a GNU OpenMP build of torch on Linux")
-    assert numba_cpu._TORCH_OPENMP_AT != 0
-
-
 @pytest.mark.parametrize("shape,cl", SHAPES)
-def test_fused_eval_forward(shape, cl, threading_mode, eval_pool):
+def test_fused_eval_forward(shape, cl, threading_mode):
     c = shape[1]
     x = _x(shape, cl, dtype=torch.float32, offset=1.0)
     w, b = torch.rand(c) + 0.5, torch.randn(c)

@@ -35,7 +35,8 @@ so the large part of ``x - mean`` is subtracted exactly (Sterbenz) before anythi
 
 **Threads.** ``nthreads == 1`` runs the serial branch (no parallel region is launched: that
 costs a microsecond, more than a small tensor takes); otherwise the work is cut into
-``nthreads`` contiguous chunks, one per thread of numba's pool, whose size the caller sets
+``nthreads`` contiguous chunks, one per thread of torch's OpenMP pool (see "torch's OpenMP
+thread pool" below) or, where that pool cannot be used, of numba's, whose size the caller sets
 (``numba.set_num_threads`` inside compiled code would make it uncacheable).
 """
 
@@ -82,6 +83,202 @@ def _pointer(nbtype):
 _f32 = _pointer(types.float32)
 _f64 = _pointer(types.float64)
 _i64 = _pointer(types.int64)
+
+
+# --- torch's OpenMP thread pool ------------------------------------------------------------------
+# numba's parallel loops (prange) run on numba's own OpenMP runtime: a second pool of threads
+# beside the one torch's kernels use (numba links the system's libgomp, torch's wheels ship
+# their own). Each launch on it costs 2-4 microseconds, and right after a torch operation its
+# threads must wake while torch's still spin. Where torch runs on GNU OpenMP, the loops instead
+# run on torch's pool: GOMP_parallel(fn, data, nthreads, 0) is the call a compiler emits for
+# `#pragma omp parallel`, made here through the addresses of torch's runtime's functions
+# (found by numba_cpu) with a compiled C callback (a *share*) that does one thread's part.
+#
+# Every parallel entry point takes ``pomp``: 0 for numba's pool, or the address of an int64
+# table [GOMP_parallel, omp_get_thread_num, sums share, dots share, affine share, grad share]
+# for the data's dtype (see :func:`shares`). A share reads its arguments from an int64 block of
+# addresses and sizes; the arrays behind those addresses are kept alive past the parallel
+# region (``_alive``), since numba frees an array after its last use in the code.
+
+
+@intrinsic
+def _omp_parallel(typingctx, address, fn, data, nthreads):
+    """``GOMP_parallel(fn, data, nthreads, 0)`` through the function's address: ``fn(data)``
+    runs once on each of ``nthreads`` threads of the pool, the calling thread included."""
+
+    def codegen(context, builder, signature, args):
+        byte_ptr = ir.IntType(8).as_pointer()
+        u32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, byte_ptr, u32, u32])
+        builder.call(
+            builder.inttoptr(args[0], fnty.as_pointer()),
+            [
+                builder.inttoptr(args[1], byte_ptr),
+                builder.inttoptr(args[2], byte_ptr),
+                builder.trunc(args[3], u32),
+                ir.Constant(u32, 0),
+            ],
+        )
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def _omp_thread(typingctx, address):
+    """``omp_get_thread_num()`` through the function's address: this thread's number in its
+    team (0 for the thread that launched the region)."""
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        result = builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
+        return builder.sext(result, ir.IntType(64))
+
+    return types.int64(types.int64), codegen
+
+
+@njit(**_OPTS)
+def _table(pomp):
+    """The table at ``pomp`` (six int64), or an empty one for numba's pool (``pomp == 0``)."""
+    return carray(_i64(pomp), 6 if pomp != 0 else 0)
+
+
+@njit(**_OPTS)
+def _alive(a, b):
+    """A use of two arrays after a parallel region that read them through their addresses."""
+    return a.size + b.size
+
+
+# the shares' argument blocks (int64 slots; slot 0 is always omp_get_thread_num's address)
+_SUMS_BLOCK = 17  # tid, g, x, A, C, B, W, rows, k, kcol, nthreads, p1, p2, P, o1, o2, len(o1)
+_AFFINE_BLOCK = 15  # tid, x, y, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads
+_GRAD_BLOCK = 12  # tid, g, x, d, A, C, B, W, rows, co, cols, nthreads
+
+
+@njit(**_OPTS)
+def _sums_block(g1, x1, A, C, B, W, rows, k, kcol, nthreads, p1, p2, o1, o2, omp):
+    blk = np.empty(_SUMS_BLOCK, np.int64)
+    blk[0] = omp[1]
+    blk[1] = g1.ctypes.data
+    blk[2] = x1.ctypes.data
+    blk[3] = A
+    blk[4] = C
+    blk[5] = B
+    blk[6] = W
+    blk[7] = rows
+    blk[8] = k.ctypes.data
+    blk[9] = kcol.ctypes.data
+    blk[10] = nthreads
+    blk[11] = p1.ctypes.data
+    blk[12] = p2.ctypes.data
+    blk[13] = p1.shape[1]
+    blk[14] = o1.ctypes.data
+    blk[15] = o2.ctypes.data
+    blk[16] = o1.shape[0]
+    return blk
+
+
+def _sums_share_f32(data):
+    blk = carray(_i64(data), _SUMS_BLOCK)
+    A, C, B, W, nt, P, no = blk[3], blk[4], blk[5], blk[6], blk[10], blk[13], blk[16]
+    _sums_part(
+        carray(_f32(blk[2]), A * C * B), A, C, B, W, blk[7], carray(_f32(blk[8]), C),
+        carray(_f32(blk[9]), W), _omp_thread(blk[0]), nt, carray(_f64(blk[11]), (nt, P)),
+        carray(_f64(blk[12]), (nt, P)), carray(_f64(blk[14]), no), carray(_f64(blk[15]), no),
+    )  # fmt: skip
+
+
+def _sums_share_f64(data):
+    blk = carray(_i64(data), _SUMS_BLOCK)
+    A, C, B, W, nt, P, no = blk[3], blk[4], blk[5], blk[6], blk[10], blk[13], blk[16]
+    _sums_part(
+        carray(_f64(blk[2]), A * C * B), A, C, B, W, blk[7], carray(_f64(blk[8]), C),
+        carray(_f64(blk[9]), W), _omp_thread(blk[0]), nt, carray(_f64(blk[11]), (nt, P)),
+        carray(_f64(blk[12]), (nt, P)), carray(_f64(blk[14]), no), carray(_f64(blk[15]), no),
+    )  # fmt: skip
+
+
+def _dots_share_f32(data):
+    blk = carray(_i64(data), _SUMS_BLOCK)
+    A, C, B, W, nt, P, no = blk[3], blk[4], blk[5], blk[6], blk[10], blk[13], blk[16]
+    n = A * C * B
+    _dots_part(
+        carray(_f32(blk[1]), n), carray(_f32(blk[2]), n), A, C, B, W, blk[7],
+        carray(_f32(blk[8]), C), carray(_f32(blk[9]), W), _omp_thread(blk[0]), nt,
+        carray(_f64(blk[11]), (nt, P)), carray(_f64(blk[12]), (nt, P)),
+        carray(_f64(blk[14]), no), carray(_f64(blk[15]), no),
+    )  # fmt: skip
+
+
+def _dots_share_f64(data):
+    blk = carray(_i64(data), _SUMS_BLOCK)
+    A, C, B, W, nt, P, no = blk[3], blk[4], blk[5], blk[6], blk[10], blk[13], blk[16]
+    n = A * C * B
+    _dots_part(
+        carray(_f64(blk[1]), n), carray(_f64(blk[2]), n), A, C, B, W, blk[7],
+        carray(_f64(blk[8]), C), carray(_f64(blk[9]), W), _omp_thread(blk[0]), nt,
+        carray(_f64(blk[11]), (nt, P)), carray(_f64(blk[12]), (nt, P)),
+        carray(_f64(blk[14]), no), carray(_f64(blk[15]), no),
+    )  # fmt: skip
+
+
+def _affine_share_f32(data):
+    blk = carray(_i64(data), _AFFINE_BLOCK)
+    A, C, B, W = blk[3], blk[4], blk[5], blk[6]
+    n = A * C * B
+    _affine_part(
+        carray(_f32(blk[1]), n), carray(_f32(blk[2]), n), A, C, B, W, blk[7],
+        carray(_f32(blk[8]), C), carray(_f32(blk[9]), C), carray(_f32(blk[10]), C),
+        carray(_f32(blk[11]), W), carray(_f32(blk[12]), W), carray(_f32(blk[13]), W),
+        _omp_thread(blk[0]), blk[14],
+    )  # fmt: skip
+
+
+def _affine_share_f64(data):
+    blk = carray(_i64(data), _AFFINE_BLOCK)
+    A, C, B, W = blk[3], blk[4], blk[5], blk[6]
+    n = A * C * B
+    _affine_part(
+        carray(_f64(blk[1]), n), carray(_f64(blk[2]), n), A, C, B, W, blk[7],
+        carray(_f64(blk[8]), C), carray(_f64(blk[9]), C), carray(_f64(blk[10]), C),
+        carray(_f64(blk[11]), W), carray(_f64(blk[12]), W), carray(_f64(blk[13]), W),
+        _omp_thread(blk[0]), blk[14],
+    )  # fmt: skip
+
+
+def _grad_share_f32(data):
+    blk = carray(_i64(data), _GRAD_BLOCK)
+    A, C, B, W = blk[4], blk[5], blk[6], blk[7]
+    n = A * C * B
+    _grad_part(
+        carray(_f32(blk[1]), n), carray(_f32(blk[2]), n), carray(_f32(blk[3]), n), A, C, B,
+        W, blk[8], carray(_f32(blk[9]), (4, C)), carray(_f32(blk[10]), (4, W)),
+        _omp_thread(blk[0]), blk[11],
+    )  # fmt: skip
+
+
+def _grad_share_f64(data):
+    blk = carray(_i64(data), _GRAD_BLOCK)
+    A, C, B, W = blk[4], blk[5], blk[6], blk[7]
+    n = A * C * B
+    _grad_part(
+        carray(_f64(blk[1]), n), carray(_f64(blk[2]), n), carray(_f64(blk[3]), n), A, C, B,
+        W, blk[8], carray(_f64(blk[9]), (4, C)), carray(_f64(blk[10]), (4, W)),
+        _omp_thread(blk[0]), blk[11],
+    )  # fmt: skip
+
+
+def shares(f32: bool) -> list[int]:
+    """The addresses of the four shares (sums, dots, affine, grad) for float32 (``f32``) or
+    float64 data, compiled as C callbacks, or loaded from numba's cache, at the first call (a
+    ``cfunc`` compiles when it is made: making them at import would slow every import)."""
+    funcs = (
+        (_sums_share_f32, _dots_share_f32, _affine_share_f32, _grad_share_f32)
+        if f32
+        else (_sums_share_f64, _dots_share_f64, _affine_share_f64, _grad_share_f64)
+    )
+    signature = types.void(types.intp)
+    return [cfunc(signature, cache=True, fastmath=_FASTMATH)(f).address for f in funcs]
 
 
 # --- layout ------------------------------------------------------------------------------------
@@ -293,7 +490,7 @@ def _fold(x1, g1, A, C, B, W, rows, k, p1, p2, o1, o2, dots):
 
 
 @njit(**_INLINE)
-def _sums(x1, A, C, B, k, nthreads):
+def _sums(x1, A, C, B, k, nthreads, omp):
     """Per-channel float64 ``(sum(x - k), sum((x - k)^2))``; ``k`` is (C,) in x's dtype."""
     W, rows = plan(A, C, B)
     kcol = _expand(k, W, C, B)
@@ -303,6 +500,10 @@ def _sums(x1, A, C, B, k, nthreads):
     o2 = _zeros(A * C if W == 0 else 0)
     if nthreads == 1:
         _sums_part(x1, A, C, B, W, rows, k, kcol, nthreads - 1, nthreads, p1, p2, o1, o2)
+    elif omp.size:
+        blk = _sums_block(x1, x1, A, C, B, W, rows, k, kcol, nthreads, p1, p2, o1, o2, omp)
+        _omp_parallel(omp[0], omp[2], blk.ctypes.data, nthreads)
+        _alive(blk, kcol)
     else:
         for t in prange(nthreads):  # (t is unsigned here: cast, or the part compiles twice)
             _sums_part(x1, A, C, B, W, rows, k, kcol, np.int64(t), nthreads, p1, p2, o1, o2)
@@ -320,7 +521,7 @@ def _far(mean, var, k):
 
 
 @njit(**_INLINE)
-def _batch_stats(x1, A, C, B, nthreads):
+def _batch_stats(x1, A, C, B, nthreads, omp):
     """Per-channel float64 mean and biased variance, and whether all are finite.
 
     The column family sums in the data's dtype around ``k``, which is precise only while
@@ -334,7 +535,7 @@ def _batch_stats(x1, A, C, B, nthreads):
     var = np.empty(C)
     finite = True
     for attempt in range(2):
-        s1, s2 = _sums(x1, A, C, B, k, nthreads)
+        s1, s2 = _sums(x1, A, C, B, k, nthreads, omp)
         mean, var, finite = _mean_var(s1, s2, k, A * B)
         if attempt == 1 or not finite or not _far(mean, var, k):
             break
@@ -412,7 +613,7 @@ def _dots_part(g1, x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2):
 
 
 @njit(**_INLINE)
-def _dots(g1, x1, A, C, B, mean, nthreads):
+def _dots(g1, x1, A, C, B, mean, nthreads, omp):
     """Per-channel float64 ``(sum(dy), sum(dy * (x - mean)))`` for a float64 ``mean``."""
     W, rows = plan(A, C, B)
     k = _rounded(mean, x1)  # near the data, x - k is exact in x's dtype
@@ -423,6 +624,10 @@ def _dots(g1, x1, A, C, B, mean, nthreads):
     o2 = _zeros(A * C if W == 0 else 0)
     if nthreads == 1:
         _dots_part(g1, x1, A, C, B, W, rows, k, kcol, nthreads - 1, nthreads, p1, p2, o1, o2)
+    elif omp.size:
+        blk = _sums_block(g1, x1, A, C, B, W, rows, k, kcol, nthreads, p1, p2, o1, o2, omp)
+        _omp_parallel(omp[0], omp[3], blk.ctypes.data, nthreads)
+        _alive(blk, kcol)
     else:
         for t in prange(nthreads):
             _dots_part(g1, x1, A, C, B, W, rows, k, kcol, np.int64(t), nthreads, p1, p2, o1, o2)
@@ -482,7 +687,7 @@ def _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, t, nthreads):
 
 
 @njit(**_INLINE)
-def _affine(x1, A, C, B, k, s, o, y1, nthreads):
+def _affine(x1, A, C, B, k, s, o, y1, nthreads, omp):
     """``y = (x - k) * s + o`` per channel; ``k, s, o`` are (C,) arrays of the data's dtype."""
     W, rows = plan(A, C, B)
     kc = _expand(k, W, C, B)
@@ -490,6 +695,28 @@ def _affine(x1, A, C, B, k, s, o, y1, nthreads):
     oc = _expand(o, W, C, B)
     if nthreads == 1:
         _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads - 1, nthreads)
+    elif omp.size:
+        blk = np.empty(_AFFINE_BLOCK, np.int64)
+        blk[0] = omp[1]
+        blk[1] = x1.ctypes.data
+        blk[2] = y1.ctypes.data
+        blk[3] = A
+        blk[4] = C
+        blk[5] = B
+        blk[6] = W
+        blk[7] = rows
+        blk[8] = k.ctypes.data
+        blk[9] = s.ctypes.data
+        blk[10] = o.ctypes.data
+        blk[11] = kc.ctypes.data
+        blk[12] = sc.ctypes.data
+        blk[13] = oc.ctypes.data
+        blk[14] = nthreads
+        _omp_parallel(omp[0], omp[4], blk.ctypes.data, nthreads)
+        _alive(blk, k)
+        _alive(s, o)
+        _alive(kc, sc)
+        _alive(oc, oc)
     else:
         for t in prange(nthreads):
             _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, np.int64(t), nthreads)
@@ -559,12 +786,29 @@ def _expand_rows(co, W, C, B):
 
 
 @njit(**_INLINE)
-def _grad(g1, x1, A, C, B, co, d1, nthreads):
+def _grad(g1, x1, A, C, B, co, d1, nthreads, omp):
     """``dx = a * dy + b * (x - k) + c`` per channel, ``co`` = (4, C) rows k, a, b, c."""
     W, rows = plan(A, C, B)
     cols = _expand_rows(co, W, C, B)
     if nthreads == 1:
         _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, nthreads - 1, nthreads)
+    elif omp.size:
+        blk = np.empty(_GRAD_BLOCK, np.int64)
+        blk[0] = omp[1]
+        blk[1] = g1.ctypes.data
+        blk[2] = x1.ctypes.data
+        blk[3] = d1.ctypes.data
+        blk[4] = A
+        blk[5] = C
+        blk[6] = B
+        blk[7] = W
+        blk[8] = rows
+        blk[9] = co.ctypes.data
+        blk[10] = cols.ctypes.data
+        blk[11] = nthreads
+        _omp_parallel(omp[0], omp[5], blk.ctypes.data, nthreads)
+        _alive(blk, co)
+        _alive(cols, cols)
     else:
         for t in prange(nthreads):
             _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, np.int64(t), nthreads)
@@ -628,14 +872,14 @@ def _grad_coefficients(mean, invstd, w, has_w, sum_dy, sum_dy_xmu, n, like):
 
 
 @njit(**_INLINE)
-def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, stats, nthreads):
+def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, stats, nthreads, omp):
     has_w = (flags & 1) != 0
     has_b = (flags & 2) != 0
     has_running = (flags & 4) != 0
     has_nbt = (flags & 8) != 0
     cumulative = (flags & 16) != 0
     n = A * B
-    mean, var, finite = _batch_stats(x1, A, C, B, nthreads)
+    mean, var, finite = _batch_stats(x1, A, C, B, nthreads, omp)
     if finite and has_running:
         rate = 1.0 / (nbt[0] + 1) if cumulative and has_nbt else momentum
         unbias = n / (n - 1) if n > 1 else 1.0
@@ -648,27 +892,27 @@ def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, sta
         stats[0, c] = mean[c]
         stats[1, c] = 1.0 / np.sqrt(var[c] + eps)
     kk, s, o = _coefficients(stats[0], stats[1], w, b, has_w, has_b, x1)
-    _affine(x1, A, C, B, kk, s, o, y1, nthreads)
+    _affine(x1, A, C, B, kk, s, o, y1, nthreads, omp)
     return finite
 
 
 @njit(**_INLINE)
-def _eval_forward(x1, y1, A, C, B, rm, rv, w, b, flags, eps, nthreads):
+def _eval_forward(x1, y1, A, C, B, rm, rv, w, b, flags, eps, nthreads, omp):
     mean = np.empty(C)
     invstd = np.empty(C)
     for c in range(C):
         mean[c] = rm[c]
         invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
     kk, s, o = _coefficients(mean, invstd, w, b, (flags & 1) != 0, (flags & 2) != 0, x1)
-    _affine(x1, A, C, B, kk, s, o, y1, nthreads)
+    _affine(x1, A, C, B, kk, s, o, y1, nthreads, omp)
 
 
 @njit(**_INLINE)
-def _train_backward(g1, x1, A, C, B, stats, w, flags, d1, dw, db, nthreads):
+def _train_backward(g1, x1, A, C, B, stats, w, flags, d1, dw, db, nthreads, omp):
     has_w = (flags & 1) != 0
     mean = stats[0]
     invstd = stats[1]
-    sum_dy, sum_dy_xmu = _dots(g1, x1, A, C, B, mean, nthreads)
+    sum_dy, sum_dy_xmu = _dots(g1, x1, A, C, B, mean, nthreads, omp)
     if (flags & 2) != 0:  # dweight
         for c in range(C):
             dw[c] = sum_dy_xmu[c] * invstd[c]
@@ -677,11 +921,11 @@ def _train_backward(g1, x1, A, C, B, stats, w, flags, d1, dw, db, nthreads):
             db[c] = sum_dy[c]
     if (flags & 8) != 0:  # dx
         co = _grad_coefficients(mean, invstd, w, has_w, sum_dy, sum_dy_xmu, A * B, x1)
-        _grad(g1, x1, A, C, B, co, d1, nthreads)
+        _grad(g1, x1, A, C, B, co, d1, nthreads, omp)
 
 
 @njit(**_INLINE)
-def _eval_backward(g1, x1, A, C, B, rm, rv, w, flags, eps, d1, dw, db, nthreads):
+def _eval_backward(g1, x1, A, C, B, rm, rv, w, flags, eps, d1, dw, db, nthreads, omp):
     # evaluation mode: y = (x - rm) * invstd * w + b with constant statistics, so
     # dx = dy * w * invstd, dw = sum(dy * (x - rm)) * invstd and db = sum(dy)
     has_w = (flags & 1) != 0
@@ -691,7 +935,7 @@ def _eval_backward(g1, x1, A, C, B, rm, rv, w, flags, eps, d1, dw, db, nthreads)
         mean[c] = rm[c]
         invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
     if (flags & 6) != 0:
-        sum_dy, sum_dy_xmu = _dots(g1, x1, A, C, B, mean, nthreads)
+        sum_dy, sum_dy_xmu = _dots(g1, x1, A, C, B, mean, nthreads, omp)
         if (flags & 2) != 0:
             for c in range(C):
                 dw[c] = sum_dy_xmu[c] * invstd[c]
@@ -704,7 +948,7 @@ def _eval_backward(g1, x1, A, C, B, rm, rv, w, flags, eps, d1, dw, db, nthreads)
         for c in range(C):
             k[c] = 0
             s[c] = invstd[c] * (np.float64(w[c]) if has_w else 1.0)
-        _affine(g1, A, C, B, k, s, k, d1, nthreads)
+        _affine(g1, A, C, B, k, s, k, d1, nthreads, omp)
 
 
 # --- entry points --------------------------------------------------------------------------------
@@ -715,7 +959,7 @@ def _eval_backward(g1, x1, A, C, B, rm, rv, w, flags, eps, d1, dw, db, nthreads)
 
 @njit(**_PARALLEL)
 def train_forward_f32(
-    px, py, A, C, B, pw, pb, prm, prv, pnbt, flags, momentum, eps, pstats, nthreads
+    px, py, A, C, B, pw, pb, prm, prv, pnbt, flags, momentum, eps, pstats, nthreads, pomp
 ):
     """Training forward: statistics, running-statistics update, ``y``; returns ``finite``.
 
@@ -727,12 +971,13 @@ def train_forward_f32(
         carray(_f32(px), n), carray(_f32(py), n), A, C, B,
         carray(_f32(pw), C), carray(_f32(pb), C), carray(_f32(prm), C), carray(_f32(prv), C),
         carray(_i64(pnbt), 1), flags, momentum, eps, carray(_f64(pstats), (2, C)), nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
 def train_forward_f64(
-    px, py, A, C, B, pw, pb, prm, prv, pnbt, flags, momentum, eps, pstats, nthreads
+    px, py, A, C, B, pw, pb, prm, prv, pnbt, flags, momentum, eps, pstats, nthreads, pomp
 ):
     """:func:`train_forward_f32` for float64 data."""
     n = A * C * B
@@ -740,31 +985,34 @@ def train_forward_f64(
         carray(_f64(px), n), carray(_f64(py), n), A, C, B,
         carray(_f64(pw), C), carray(_f64(pb), C), carray(_f64(prm), C), carray(_f64(prv), C),
         carray(_i64(pnbt), 1), flags, momentum, eps, carray(_f64(pstats), (2, C)), nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
-def eval_forward_f32(px, py, A, C, B, prm, prv, pw, pb, flags, eps, nthreads):
+def eval_forward_f32(px, py, A, C, B, prm, prv, pw, pb, flags, eps, nthreads, pomp):
     """``y = (x - running_mean) / sqrt(running_var + eps) * w + b`` in one pass."""
     n = A * C * B
     _eval_forward(
         carray(_f32(px), n), carray(_f32(py), n), A, C, B, carray(_f32(prm), C),
         carray(_f32(prv), C), carray(_f32(pw), C), carray(_f32(pb), C), flags, eps, nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
-def eval_forward_f64(px, py, A, C, B, prm, prv, pw, pb, flags, eps, nthreads):
+def eval_forward_f64(px, py, A, C, B, prm, prv, pw, pb, flags, eps, nthreads, pomp):
     """:func:`eval_forward_f32` for float64 data."""
     n = A * C * B
     _eval_forward(
         carray(_f64(px), n), carray(_f64(py), n), A, C, B, carray(_f64(prm), C),
         carray(_f64(prv), C), carray(_f64(pw), C), carray(_f64(pb), C), flags, eps, nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
-def train_backward_f32(pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthreads):
+def train_backward_f32(pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthreads, pomp):
     """Backward of training-mode batch norm: both reductions, then ``dx`` (if asked), in one
     call; ``dweight``/``dbias`` are written in the data's dtype."""
     n = A * C * B
@@ -772,22 +1020,24 @@ def train_backward_f32(pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthre
         carray(_f32(pdy), n), carray(_f32(px), n), A, C, B, carray(_f64(pstats), (2, C)),
         carray(_f32(pw), C), flags, carray(_f32(pdx), n), carray(_f32(pdw), C),
         carray(_f32(pdb), C), nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
-def train_backward_f64(pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthreads):
+def train_backward_f64(pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthreads, pomp):
     """:func:`train_backward_f32` for float64 data."""
     n = A * C * B
     _train_backward(
         carray(_f64(pdy), n), carray(_f64(px), n), A, C, B, carray(_f64(pstats), (2, C)),
         carray(_f64(pw), C), flags, carray(_f64(pdx), n), carray(_f64(pdw), C),
         carray(_f64(pdb), C), nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
-def eval_backward_f32(pdy, px, A, C, B, prm, prv, pw, flags, eps, pdx, pdw, pdb, nthreads):
+def eval_backward_f32(pdy, px, A, C, B, prm, prv, pw, flags, eps, pdx, pdw, pdb, nthreads, pomp):
     """Backward of evaluation-mode batch norm (constant statistics): ``dx``, ``dweight`` and
     ``dbias`` as asked by ``flags``, in the data's dtype."""
     n = A * C * B
@@ -795,17 +1045,19 @@ def eval_backward_f32(pdy, px, A, C, B, prm, prv, pw, flags, eps, pdx, pdw, pdb,
         carray(_f32(pdy), n), carray(_f32(px), n), A, C, B, carray(_f32(prm), C),
         carray(_f32(prv), C), carray(_f32(pw), C), flags, eps, carray(_f32(pdx), n),
         carray(_f32(pdw), C), carray(_f32(pdb), C), nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
-def eval_backward_f64(pdy, px, A, C, B, prm, prv, pw, flags, eps, pdx, pdw, pdb, nthreads):
+def eval_backward_f64(pdy, px, A, C, B, prm, prv, pw, flags, eps, pdx, pdw, pdb, nthreads, pomp):
     """:func:`eval_backward_f32` for float64 data."""
     n = A * C * B
     _eval_backward(
         carray(_f64(pdy), n), carray(_f64(px), n), A, C, B, carray(_f64(prm), C),
         carray(_f64(prv), C), carray(_f64(pw), C), flags, eps, carray(_f64(pdx), n),
         carray(_f64(pdw), C), carray(_f64(pdb), C), nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
@@ -859,88 +1111,96 @@ def update_from_batch_f64(pmean, pinvstd, C, prm, prv, pnbt, flags, momentum, ep
 
 
 @njit(**_INLINE)
-def _statistics(x1, A, C, B, out, nthreads):
-    mean, var, _finite = _batch_stats(x1, A, C, B, nthreads)
+def _statistics(x1, A, C, B, out, nthreads, omp):
+    mean, var, _finite = _batch_stats(x1, A, C, B, nthreads, omp)
     for c in range(C):
         out[0, c] = mean[c]
         out[1, c] = var[c]
 
 
 @njit(**_PARALLEL)
-def statistics_f32(px, A, C, B, pout, nthreads):
+def statistics_f32(px, A, C, B, pout, nthreads, pomp):
     """Per-channel mean and biased variance into ``out`` (float64, (2, C))."""
-    _statistics(carray(_f32(px), A * C * B), A, C, B, carray(_f64(pout), (2, C)), nthreads)
+    _statistics(
+        carray(_f32(px), A * C * B), A, C, B, carray(_f64(pout), (2, C)), nthreads, _table(pomp)
+    )
 
 
 @njit(**_PARALLEL)
-def statistics_f64(px, A, C, B, pout, nthreads):
+def statistics_f64(px, A, C, B, pout, nthreads, pomp):
     """:func:`statistics_f32` for float64 data."""
-    _statistics(carray(_f64(px), A * C * B), A, C, B, carray(_f64(pout), (2, C)), nthreads)
+    _statistics(
+        carray(_f64(px), A * C * B), A, C, B, carray(_f64(pout), (2, C)), nthreads, _table(pomp)
+    )
 
 
 @njit(**_INLINE)
-def _transform(x1, y1, A, C, B, mean, invstd, w, b, flags, nthreads):
+def _transform(x1, y1, A, C, B, mean, invstd, w, b, flags, nthreads, omp):
     kk, s, o = _coefficients(mean, invstd, w, b, (flags & 1) != 0, (flags & 2) != 0, x1)
-    _affine(x1, A, C, B, kk, s, o, y1, nthreads)
+    _affine(x1, A, C, B, kk, s, o, y1, nthreads, omp)
 
 
 @njit(**_PARALLEL)
-def transform_f32(px, py, A, C, B, pmean, pinvstd, pw, pb, flags, nthreads):
+def transform_f32(px, py, A, C, B, pmean, pinvstd, pw, pb, flags, nthreads, pomp):
     """``y = (x - mean) * invstd * w + b`` (float64 per-channel inputs; flags 1 w, 2 b)."""
     n = A * C * B
     _transform(
         carray(_f32(px), n), carray(_f32(py), n), A, C, B, carray(_f64(pmean), C),
         carray(_f64(pinvstd), C), carray(_f64(pw), C), carray(_f64(pb), C), flags, nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
-def transform_f64(px, py, A, C, B, pmean, pinvstd, pw, pb, flags, nthreads):
+def transform_f64(px, py, A, C, B, pmean, pinvstd, pw, pb, flags, nthreads, pomp):
     """:func:`transform_f32` for float64 data."""
     n = A * C * B
     _transform(
         carray(_f64(px), n), carray(_f64(py), n), A, C, B, carray(_f64(pmean), C),
         carray(_f64(pinvstd), C), carray(_f64(pw), C), carray(_f64(pb), C), flags, nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_INLINE)
-def _backward_reduce(g1, x1, A, C, B, mean, out, nthreads):
-    s1, s2 = _dots(g1, x1, A, C, B, mean, nthreads)
+def _backward_reduce(g1, x1, A, C, B, mean, out, nthreads, omp):
+    s1, s2 = _dots(g1, x1, A, C, B, mean, nthreads, omp)
     for c in range(C):
         out[0, c] = s1[c]
         out[1, c] = s2[c]
 
 
 @njit(**_PARALLEL)
-def backward_reduce_f32(pdy, px, A, C, B, pmean, pout, nthreads):
+def backward_reduce_f32(pdy, px, A, C, B, pmean, pout, nthreads, pomp):
     """``(sum dy, sum dy * (x - mean))`` per channel into ``out`` (float64, (2, C))."""
     n = A * C * B
     _backward_reduce(
         carray(_f32(pdy), n), carray(_f32(px), n), A, C, B, carray(_f64(pmean), C),
         carray(_f64(pout), (2, C)), nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
-def backward_reduce_f64(pdy, px, A, C, B, pmean, pout, nthreads):
+def backward_reduce_f64(pdy, px, A, C, B, pmean, pout, nthreads, pomp):
     """:func:`backward_reduce_f32` for float64 data."""
     n = A * C * B
     _backward_reduce(
         carray(_f64(pdy), n), carray(_f64(px), n), A, C, B, carray(_f64(pmean), C),
         carray(_f64(pout), (2, C)), nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_INLINE)
-def _backward_elementwise(g1, x1, A, C, B, mean, invstd, w, flags, sums, count, d1, nthreads):
+def _backward_elementwise(g1, x1, A, C, B, mean, invstd, w, flags, sums, count, d1, nthreads, omp):
     co = _grad_coefficients(mean, invstd, w, (flags & 1) != 0, sums[0], sums[1], count, x1)
-    _grad(g1, x1, A, C, B, co, d1, nthreads)
+    _grad(g1, x1, A, C, B, co, d1, nthreads, omp)
 
 
 @njit(**_PARALLEL)
 def backward_elementwise_f32(
-    pdy, px, A, C, B, pmean, pinvstd, pw, flags, psums, count, pdx, nthreads
+    pdy, px, A, C, B, pmean, pinvstd, pw, flags, psums, count, pdx, nthreads, pomp
 ):
     """The input gradient from :func:`backward_reduce_f32`'s sums over ``count`` values per
     channel (all processes' count under SyncBatchNorm)."""
@@ -949,12 +1209,13 @@ def backward_elementwise_f32(
         carray(_f32(pdy), n), carray(_f32(px), n), A, C, B, carray(_f64(pmean), C),
         carray(_f64(pinvstd), C), carray(_f64(pw), C), flags, carray(_f64(psums), (2, C)),
         count, carray(_f32(pdx), n), nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
 def backward_elementwise_f64(
-    pdy, px, A, C, B, pmean, pinvstd, pw, flags, psums, count, pdx, nthreads
+    pdy, px, A, C, B, pmean, pinvstd, pw, flags, psums, count, pdx, nthreads, pomp
 ):
     """:func:`backward_elementwise_f32` for float64 data."""
     n = A * C * B
@@ -962,6 +1223,7 @@ def backward_elementwise_f64(
         carray(_f64(pdy), n), carray(_f64(px), n), A, C, B, carray(_f64(pmean), C),
         carray(_f64(pinvstd), C), carray(_f64(pw), C), flags, carray(_f64(psums), (2, C)),
         count, carray(_f64(pdx), n), nthreads,
+        _table(pomp),
     )  # fmt: skip
 
 
@@ -972,154 +1234,3 @@ def start_pool(n):
     for i in prange(n):
         out[i] = i
     return out
-
-
-# --- evaluation on torch's OpenMP thread pool ----------------------------------------------------
-# numba's parallel loops run on numba's own OpenMP runtime: a second pool of threads beside the
-# one torch's kernels use (numba links the system's libgomp, torch wheels ship their own). Each
-# launch on it costs 2-4 microseconds, and right after a torch operation its threads must wake
-# while torch's spin. Where torch runs on GNU OpenMP, the evaluation pass instead runs on torch's
-# pool: GOMP_parallel(fn, data, nthreads, 0) is the call a compiler emits for
-# `#pragma omp parallel`, made here with the addresses of torch's runtime's functions (found by
-# numba_cpu) and of a compiled C callback (``cfunc``) that does one thread's share.
-# Measured on the 2-core machine (1 MB NCHW evaluation, kernel alone, 41 rounds of 100 calls):
-# 24.2-24.4 against 26.3-26.5 us, and in a chain relu -> batch norm -> relu 36-39 against
-# 48-54 us per batch norm.
-
-
-@intrinsic
-def _omp_parallel(typingctx, address, fn, data, nthreads):
-    """``GOMP_parallel(fn, data, nthreads, 0)`` through the function's address: ``fn(data)``
-    runs once on each of ``nthreads`` threads of the pool, the calling thread included."""
-
-    def codegen(context, builder, signature, args):
-        byte_ptr = ir.IntType(8).as_pointer()
-        u32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, byte_ptr, u32, u32])
-        builder.call(
-            builder.inttoptr(args[0], fnty.as_pointer()),
-            [
-                builder.inttoptr(args[1], byte_ptr),
-                builder.inttoptr(args[2], byte_ptr),
-                builder.trunc(args[3], u32),
-                ir.Constant(u32, 0),
-            ],
-        )
-        return context.get_dummy_value()
-
-    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
-
-
-@intrinsic
-def _omp_thread(typingctx, address):
-    """``omp_get_thread_num()`` through the function's address: this thread's number in its
-    team (0 for the thread that launched the region)."""
-
-    def codegen(context, builder, signature, args):
-        fnty = ir.FunctionType(ir.IntType(32), [])
-        result = builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
-        return builder.sext(result, ir.IntType(64))
-
-    return types.int64(types.int64), codegen
-
-
-# the argument block of the evaluation callback: int64 slots
-_EVAL_BLOCK = 15  # omp_get_thread_num, x, y, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads
-
-
-def eval_share_f32(data):
-    """One thread's share of ``y = (x - k) * s + o`` (float32), arguments in an int64 block."""
-    blk = carray(_i64(data), _EVAL_BLOCK)
-    A, C, B, W = blk[3], blk[4], blk[5], blk[6]
-    n = A * C * B
-    _affine_part(
-        carray(_f32(blk[1]), n), carray(_f32(blk[2]), n), A, C, B, W, blk[7],
-        carray(_f32(blk[8]), C), carray(_f32(blk[9]), C), carray(_f32(blk[10]), C),
-        carray(_f32(blk[11]), W), carray(_f32(blk[12]), W), carray(_f32(blk[13]), W),
-        _omp_thread(blk[0]), blk[14],
-    )  # fmt: skip
-
-
-def eval_share_f64(data):
-    """:func:`eval_share_f32` for float64 data."""
-    blk = carray(_i64(data), _EVAL_BLOCK)
-    A, C, B, W = blk[3], blk[4], blk[5], blk[6]
-    n = A * C * B
-    _affine_part(
-        carray(_f64(blk[1]), n), carray(_f64(blk[2]), n), A, C, B, W, blk[7],
-        carray(_f64(blk[8]), C), carray(_f64(blk[9]), C), carray(_f64(blk[10]), C),
-        carray(_f64(blk[11]), W), carray(_f64(blk[12]), W), carray(_f64(blk[13]), W),
-        _omp_thread(blk[0]), blk[14],
-    )  # fmt: skip
-
-
-def eval_share_addresses() -> tuple[int, int]:
-    """The addresses of :func:`eval_share_f32` and :func:`eval_share_f64` compiled as C
-    callbacks (compiled, or loaded from numba's cache, at the first call: a ``cfunc`` compiles
-    when it is made, so making them at import would slow every import)."""
-    signature = types.void(types.intp)
-    return tuple(  # type: ignore[return-value]
-        cfunc(signature, cache=True, fastmath=_FASTMATH)(f).address
-        for f in (eval_share_f32, eval_share_f64)
-    )
-
-
-@njit(**_INLINE)
-def _eval_forward_omp(x1, y1, px, py, A, C, B, rm, rv, w, b, flags, eps, nthreads, omp, share):
-    mean = np.empty(C)
-    invstd = np.empty(C)
-    for c in range(C):
-        mean[c] = rm[c]
-        invstd[c] = 1.0 / np.sqrt(np.float64(rv[c]) + eps)
-    k, s, o = _coefficients(mean, invstd, w, b, (flags & 1) != 0, (flags & 2) != 0, x1)
-    W, rows = plan(A, C, B)
-    kc = _expand(k, W, C, B)
-    sc = _expand(s, W, C, B)
-    oc = _expand(o, W, C, B)
-    if nthreads == 1:
-        _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, 0, 1)
-        return 0
-    blk = np.empty(_EVAL_BLOCK, np.int64)
-    blk[0] = omp[1]
-    blk[1] = px
-    blk[2] = py
-    blk[3] = A
-    blk[4] = C
-    blk[5] = B
-    blk[6] = W
-    blk[7] = rows
-    blk[8] = k.ctypes.data
-    blk[9] = s.ctypes.data
-    blk[10] = o.ctypes.data
-    blk[11] = kc.ctypes.data
-    blk[12] = sc.ctypes.data
-    blk[13] = oc.ctypes.data
-    blk[14] = nthreads
-    _omp_parallel(omp[0], share, blk.ctypes.data, nthreads)
-    # the arrays the callback read through their addresses are used here, after the parallel
-    # region, so that they stay alive (numba frees an array after its last use)
-    return k.size + s.size + o.size + kc.size + sc.size + oc.size + blk.size
-
-
-@njit(**_OPTS)
-def eval_forward_omp_f32(px, py, A, C, B, prm, prv, pw, pb, flags, eps, nthreads, pomp, share):
-    """:func:`eval_forward_f32` on torch's OpenMP pool: ``pomp`` points at two int64, the
-    addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` in torch's runtime; ``share`` is
-    :func:`eval_share_f32`'s address."""
-    n = A * C * B
-    _eval_forward_omp(
-        carray(_f32(px), n), carray(_f32(py), n), px, py, A, C, B, carray(_f32(prm), C),
-        carray(_f32(prv), C), carray(_f32(pw), C), carray(_f32(pb), C), flags, eps, nthreads,
-        carray(_i64(pomp), 2), share,
-    )  # fmt: skip
-
-
-@njit(**_OPTS)
-def eval_forward_omp_f64(px, py, A, C, B, prm, prv, pw, pb, flags, eps, nthreads, pomp, share):
-    """:func:`eval_forward_omp_f32` for float64 data (``share``: :func:`eval_share_f64`)."""
-    n = A * C * B
-    _eval_forward_omp(
-        carray(_f64(px), n), carray(_f64(py), n), px, py, A, C, B, carray(_f64(prm), C),
-        carray(_f64(prv), C), carray(_f64(pw), C), carray(_f64(pb), C), flags, eps, nthreads,
-        carray(_i64(pomp), 2), share,
-    )  # fmt: skip

@@ -23,10 +23,9 @@ and the output is rounded back: two extra passes over a half-size tensor.
 
 Threads: the loops use ``torch.get_num_threads()`` threads (capped by numba's pool), so
 ``torch.set_num_threads`` governs both. Tensors below :data:`PARALLEL_MIN_NUMEL` elements run
-on the calling thread: waking the pool costs more than they take. The evaluation pass runs on
-torch's own OpenMP thread pool where torch uses GNU OpenMP (Linux), the other kernels on
-numba's (see ``_numba_loops``, "evaluation on torch's OpenMP thread pool");
-``BNORM_TORCH_POOL=0`` puts evaluation back on numba's.
+on the calling thread: waking the pool costs more than they take. Where torch uses GNU OpenMP
+(its Linux wheels), the loops run on torch's own OpenMP thread pool, else on numba's (see
+``_numba_loops``, "torch's OpenMP thread pool"); ``BNORM_TORCH_POOL=0`` chooses numba's.
 
 Overhead: the compiled entry points take addresses (``tensor.data_ptr()``) and sizes, so a call
 costs about a microsecond of Python; no NumPy array is made on the hot paths.
@@ -54,11 +53,11 @@ __all__ = [
     "eval_backward",
     "eval_forward",
     "eval_forward_checked",
-    "eval_thread_pool",
     "fused_buffers_ok",
     "geometry",
     "statistics",
     "supports",
+    "thread_pool",
     "train_backward",
     "train_forward",
     "transform",
@@ -99,9 +98,9 @@ def _torch_openmp() -> np.ndarray | None:
     OpenMP (its wheels for Linux are), the runtime not found among torch's libraries, or
     ``BNORM_TORCH_POOL=0``.
 
-    The evaluation pass then runs on torch's thread pool rather than numba's (see
-    ``_numba_loops``, "evaluation on torch's OpenMP thread pool"). Only a runtime the process
-    has already loaded is taken (``RTLD_NOLOAD``): the one torch's libraries loaded.
+    bnorm's loops then run on torch's thread pool rather than numba's (see ``_numba_loops``,
+    "torch's OpenMP thread pool"). Only a runtime the process has already loaded is taken
+    (``RTLD_NOLOAD``): the one torch's libraries loaded.
     """
     if os.environ.get("BNORM_TORCH_POOL", "1") == "0" or not hasattr(os, "RTLD_NOLOAD"):
         return None
@@ -121,17 +120,32 @@ def _torch_openmp() -> np.ndarray | None:
     return None
 
 
-#: torch's OpenMP runtime (see _torch_openmp), kept alive here; the kernels get its address
 _TORCH_OPENMP = _torch_openmp()
-_TORCH_OPENMP_AT = 0 if _TORCH_OPENMP is None else _TORCH_OPENMP.ctypes.data
-#: the evaluation callbacks' addresses (float32, float64), made at the first evaluation
-_eval_shares: tuple[int, int] | None = None
+#: per compute dtype, the ``pomp`` argument of the loops: the address of the table
+#: [GOMP_parallel, omp_get_thread_num, the four shares] (kept alive in _tables), or 0 for
+#: numba's pool; made at the first kernel call of that dtype (compiling the shares)
+_pools: dict[torch.dtype, int] = {}
+_tables: list[np.ndarray] = []
 
 
-def eval_thread_pool() -> str:
-    """The thread pool the evaluation pass runs on: ``"torch's OpenMP pool"`` or ``"numba's
-    pool"`` (the training kernels run on numba's)."""
-    return "torch's OpenMP pool" if _TORCH_OPENMP_AT else "numba's pool"
+def _pool(dtype: torch.dtype) -> int:
+    at = _pools.get(dtype)
+    if at is None:
+        at = 0
+        if _TORCH_OPENMP is not None:
+            table = np.concatenate(
+                [_TORCH_OPENMP, np.array(loops.shares(dtype is torch.float32), np.int64)]
+            )
+            _tables.append(table)
+            at = table.ctypes.data
+        _pools[dtype] = at
+    return at
+
+
+def thread_pool() -> str:
+    """The thread pool bnorm's kernels run on: ``"torch's OpenMP pool"`` or ``"numba's
+    pool"``."""
+    return "torch's OpenMP pool" if _TORCH_OPENMP is not None else "numba's pool"
 
 
 _numba_threads = threading.local()  # the count this thread last gave numba (thread-local too)
@@ -243,7 +257,7 @@ def statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     a, c, b = geometry(x)
     out = torch.empty((2, c), dtype=torch.float64)
     kernel = loops.statistics_f32 if x.dtype == torch.float32 else loops.statistics_f64
-    kernel(x.data_ptr(), a, c, b, out.data_ptr(), _threads(x.numel()))
+    kernel(x.data_ptr(), a, c, b, out.data_ptr(), _threads(x.numel()), _pool(x.dtype))
     return out[0], out[1]
 
 
@@ -269,7 +283,7 @@ def transform(
     kernel = loops.transform_f32 if x.dtype == torch.float32 else loops.transform_f64
     kernel(
         x.data_ptr(), y.data_ptr(), a, c, b, m.data_ptr(), s.data_ptr(), _ptr(w), _ptr(bb),
-        flags, _threads(x.numel()),
+        flags, _threads(x.numel()), _pool(x.dtype),
     )  # fmt: skip
     return y if y.dtype == x_in.dtype else y.to(x_in.dtype)
 
@@ -285,7 +299,10 @@ def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor
     m = _f64(mean)
     out = torch.empty((2, c), dtype=torch.float64)
     kernel = loops.backward_reduce_f32 if x.dtype == torch.float32 else loops.backward_reduce_f64
-    kernel(dy.data_ptr(), x.data_ptr(), a, c, b, m.data_ptr(), out.data_ptr(), _threads(x.numel()))
+    kernel(
+        dy.data_ptr(), x.data_ptr(), a, c, b, m.data_ptr(), out.data_ptr(), _threads(x.numel()),
+        _pool(x.dtype),
+    )  # fmt: skip
     return out[0], out[1]
 
 
@@ -332,6 +349,7 @@ def backward_elementwise(
     kernel(
         dy.data_ptr(), x.data_ptr(), a, c, b, m.data_ptr(), s.data_ptr(), _ptr(w),
         int(w is not None), sums.data_ptr(), count, dx.data_ptr(), _threads(x.numel()),
+        _pool(x.dtype),
     )  # fmt: skip
     return dx if dx.dtype == x_in.dtype else dx.to(x_in.dtype)
 
@@ -434,7 +452,7 @@ def train_forward(
     finite = (loops.train_forward_f32 if dt is _F32 else loops.train_forward_f64)(
         x.data_ptr(), y.data_ptr(), a, c, b,
         0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-        prm, prv, pnbt, flags, float(momentum), float(eps), stats.data_ptr(), threads,
+        prm, prv, pnbt, flags, float(momentum), float(eps), stats.data_ptr(), threads, _pool(dt),
     )  # fmt: skip
     if y.dtype is not x_in.dtype:
         y = y.to(x_in.dtype)
@@ -465,10 +483,10 @@ def eval_forward(
         if bias.dtype is not dt or not bias.is_contiguous():
             bias = bias.detach().to(dt).contiguous()
     y = buffers.empty_like(x)
-    _eval_call(
-        dt is _F32, x.data_ptr(), y.data_ptr(), a, c, b, rm.data_ptr(), rv.data_ptr(),
+    (loops.eval_forward_f32 if dt is _F32 else loops.eval_forward_f64)(
+        x.data_ptr(), y.data_ptr(), a, c, b, rm.data_ptr(), rv.data_ptr(),
         0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-        flags, float(eps), threads,
+        flags, float(eps), threads, _pool(dt),
     )  # fmt: skip
     return y if y.dtype is x_in.dtype else y.to(x_in.dtype)
 
@@ -498,38 +516,13 @@ def eval_forward_checked(
         flags = 1
     if bias is not None:
         flags |= 2
-    _eval_call(
-        x.dtype is _F32, x.data_ptr(), y.data_ptr(), a, c, b, running_mean.data_ptr(),
-        running_var.data_ptr(), 0 if weight is None else weight.data_ptr(),
-        0 if bias is None else bias.data_ptr(), flags, eps, _threads(n),
+    dt = x.dtype
+    (loops.eval_forward_f32 if dt is _F32 else loops.eval_forward_f64)(
+        x.data_ptr(), y.data_ptr(), a, c, b, running_mean.data_ptr(), running_var.data_ptr(),
+        0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        flags, eps, _threads(n), _pool(dt),
     )  # fmt: skip
     return y
-
-
-def _eval_call(
-    f32: bool, px: int, py: int, a: int, c: int, b: int, prm: int, prv: int, pw: int,
-    pb: int, flags: int, eps: float, threads: int,
-) -> None:  # fmt: skip
-    """The evaluation kernel: on torch's OpenMP pool where found, else on numba's."""
-    global _eval_shares
-    if _TORCH_OPENMP_AT:
-        shares = _eval_shares
-        if shares is None:
-            shares = _eval_shares = loops.eval_share_addresses()
-        if f32:
-            loops.eval_forward_omp_f32(
-                px, py, a, c, b, prm, prv, pw, pb, flags, eps, threads, _TORCH_OPENMP_AT,
-                shares[0],
-            )  # fmt: skip
-        else:
-            loops.eval_forward_omp_f64(
-                px, py, a, c, b, prm, prv, pw, pb, flags, eps, threads, _TORCH_OPENMP_AT,
-                shares[1],
-            )  # fmt: skip
-    else:
-        (loops.eval_forward_f32 if f32 else loops.eval_forward_f64)(
-            px, py, a, c, b, prm, prv, pw, pb, flags, eps, threads
-        )
 
 
 def _format(x: Tensor) -> torch.memory_format:
@@ -603,6 +596,7 @@ def train_backward(
         dy.data_ptr(), x.data_ptr(), a, c, b, stats.data_ptr(),
         0 if w is None else w.data_ptr(), flags, 0 if dx is None else dx.data_ptr(),
         0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(), threads,
+        _pool(dt),
     )  # fmt: skip
     if dx is not None and dx.dtype is not x_in.dtype:
         dx = dx.to(x_in.dtype)
@@ -640,7 +634,7 @@ def eval_backward(
         dy.data_ptr(), x.data_ptr(), a, c, b, rm.data_ptr(), rv.data_ptr(),
         0 if w is None else w.data_ptr(), (w is not None) | need_w << 1 | need_b << 2 | need_x << 3,
         float(eps), 0 if dx is None else dx.data_ptr(), 0 if dw is None else dw.data_ptr(),
-        0 if db is None else db.data_ptr(), threads,
+        0 if db is None else db.data_ptr(), threads, _pool(dt),
     )  # fmt: skip
     if dx is not None and dx.dtype is not x_in.dtype:
         dx = dx.to(x_in.dtype)
