@@ -5,6 +5,7 @@ Tensors here are small; ``PARALLEL_MIN_NUMEL`` is lowered so that they still go 
 multi-threaded loops (and their uneven splits), not only the serial ones.
 """
 
+import os
 import subprocess
 import sys
 
@@ -258,6 +259,26 @@ def test_first_use_keeps_torch_thread_count(first_call):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "1"
+
+
+def test_torch_pool_can_be_switched_off_by_the_environment():
+    """``BNORM_TORCH_POOL=0``: the kernels run on numba's pool, with the same results."""
+    code = (
+        "import torch, bnorm\n"
+        "from bnorm.kernels import numba_cpu\n"
+        "print(numba_cpu.thread_pool())\n"
+        "x = torch.randn(64, 8, 40, 40, generator=torch.Generator().manual_seed(0))\n"
+        "y = bnorm.BatchNorm2d(8)(x)\n"
+        "print(numba_cpu._pool(torch.float32), float(y.mean(dim=(0, 2, 3)).abs().max()))\n"
+    )
+    env = {**os.environ, "BNORM_TORCH_POOL": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    pool, line = done.stdout.splitlines()
+    assert pool == "numba's pool"
+    address, largest_mean = line.split()
+    assert address == "0" and float(largest_mean) < 1e-6
 
 
 @pytest.mark.parametrize(
