@@ -262,6 +262,34 @@ def _kernel_counter(num_batches_tracked: Tensor) -> bool:
     return t.dtype is _I64 and t.is_cpu and t.numel() == 1
 
 
+def _common_case(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+) -> bool:
+    """Whether the fast paths' kernels can take ``x`` and the per-channel tensors as they are:
+    a plain CPU float32/float64 tensor, the numba backend, and per-channel tensors of ``C``
+    values of x's dtype, contiguous, on the CPU (the kernels read, and the training update
+    writes, one value per channel: a tensor of another size, e.g. a replaced parameter, goes to
+    the checked path and its error)."""
+    # the cheapest and most selective tests first; each costs tens of nanoseconds, against the
+    # microseconds of the checked path
+    if type(x) is not Tensor or kernels._forced is not None or kernels.numba_cpu is None:
+        return False
+    dt = x.dtype
+    if (dt is not _F32 and dt is not _F64) or not x.is_cpu:
+        return False
+    channels = x.shape[1]
+    for t in (weight, bias, running_mean, running_var):
+        if t is not None and (
+            t.dtype is not dt or not t.is_cpu or not t.is_contiguous() or t.numel() != channels
+        ):
+            return False
+    return True
+
+
 def fused_eval(
     x: Tensor,
     weight: Tensor | None,
@@ -280,20 +308,10 @@ def fused_eval(
     layers call it directly in evaluation with only what evaluation reads: on a 1 MB input the
     Python around the kernel costs about half a ``clone()``, and every argument and test counts.
     """
-    # the cheapest and most selective tests first; each costs tens of nanoseconds
-    if type(x) is not Tensor or kernels._forced is not None or kernels.numba_cpu is None:
+    if running_var is None or not eps > 0:
         return None
-    dt = x.dtype
-    if (dt is not _F32 and dt is not _F64) or not x.is_cpu or not eps > 0 or running_var is None:
+    if not _common_case(x, weight, bias, running_mean, running_var):
         return None
-    channels = x.shape[1]
-    # the kernel reads one value per channel: a per-channel tensor of another size, e.g. a
-    # replaced parameter, goes to the checked path and its error
-    for t in (weight, bias, running_mean, running_var):
-        if t is not None and (
-            t.dtype is not dt or not t.is_cpu or not t.is_contiguous() or t.numel() != channels
-        ):
-            return None
     if x.numel() == 0:  # an empty batch: the checked path returns an empty result
         return None
     if torch.is_grad_enabled() and (
@@ -333,21 +351,12 @@ def fused_forward(
     (called only when one is needed). Arguments are positional: on a 1 MB evaluation the
     Python around the kernel costs most of the kernel's own time, and keywords add to it.
     """
-    # The order of the tests puts the cheapest and most selective first; each is a few tens of
-    # nanoseconds, against the microseconds of the checked path.
-    if type(x) is not Tensor or kernels._forced is not None or kernels.numba_cpu is None:
-        return None
-    dt = x.dtype
-    if (dt is not _F32 and dt is not _F64) or not x.is_cpu:
-        return None
-    channels = x.shape[1]
-    # the kernels read (and the update writes) one value per channel: a per-channel tensor of
-    # another size, e.g. a replaced parameter, goes to the checked path and its error
-    for t in (weight, bias, running_mean, running_var):
-        if t is not None and (
-            t.dtype is not dt or not t.is_cpu or not t.is_contiguous() or t.numel() != channels
-        ):
+    if not use_batch_stats:  # evaluation: the running statistics normalize
+        if running_mean is None:
             return None
+        return fused_eval(x, weight, bias, running_mean, running_var, eps)
+    if not _common_case(x, weight, bias, running_mean, running_var):
+        return None
     if not eps > 0 or on_nonfinite not in _checks.NONFINITE_POLICIES:
         return None
     needs_grad = torch.is_grad_enabled() and (
@@ -355,10 +364,7 @@ def fused_forward(
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    if not use_batch_stats:
-        if running_mean is None or running_var is None:
-            return None
-        return fused_eval(x, weight, bias, running_mean, running_var, eps)
+    channels = x.shape[1]
     numel = x.numel()
     if numel <= channels:  # empty, or one value per channel: the checked path says what to do
         return None
