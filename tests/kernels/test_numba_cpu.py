@@ -369,3 +369,41 @@ def test_backward_refuses_a_gradient_of_another_shape():
     stats = torch.cat([m, m + 1])
     with pytest.raises(ValueError, match="gradient has shape"):
         numba_cpu.train_backward(small, x, stats, None, None, (True, False, False))
+
+
+def test_kernels_called_from_two_python_threads_at_once():
+    """The kernels release the GIL and launch their parallel regions from whichever thread calls
+    them (on torch's pool, each calling thread leads a team of its own): two Python threads
+    training two layers at once get what each gets alone."""
+    import threading
+
+    def run(seed, out):
+        g = torch.Generator().manual_seed(seed)
+        layer = bnorm.BatchNorm2d(8)
+        for _ in range(10):
+            x = torch.randn(16, 8, 24, 24, generator=g, requires_grad=True)
+            layer(x).square().sum().backward()
+            out.append((x.grad.clone(), layer.running_mean.clone(), layer.weight.grad.clone()))
+        layer.eval()
+        with torch.no_grad():
+            out.append((layer(torch.randn(16, 8, 24, 24, generator=g)),))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        alone = [[], []]
+        for seed in (0, 1):
+            run(seed, alone[seed])
+        together = [[], []]
+        threads = [threading.Thread(target=run, args=(seed, together[seed])) for seed in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(alone, together, strict=True):
+        assert len(a) == len(b) == 11
+        for step_a, step_b in zip(a, b, strict=True):
+            for u, v in zip(step_a, step_b, strict=True):
+                assert torch.equal(u, v)
