@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, cfunc, njit, prange, types
+from numba import carray, cfunc, literal_unroll, njit, prange, types
 from numba.extending import intrinsic
 
 # Reassociation lets LLVM vectorize the reductions; NaN/Inf must still propagate (the running
@@ -144,9 +144,13 @@ def _table(pomp):
 
 
 @njit(**_OPTS)
-def _alive(a, b):
-    """A use of two arrays after a parallel region that read them through their addresses."""
-    return a.size + b.size
+def _alive(arrays):
+    """A use, after a parallel region, of the arrays its callbacks read through their addresses
+    (a tuple): they stay alive until here."""
+    n = 0
+    for a in literal_unroll(arrays):
+        n += a.size
+    return n
 
 
 # the shares' argument blocks (int64 slots; slot 0 is always omp_get_thread_num's address)
@@ -503,7 +507,7 @@ def _sums(x1, A, C, B, k, nthreads, omp):
     elif omp.size:
         blk = _sums_block(x1, x1, A, C, B, W, rows, k, kcol, nthreads, p1, p2, o1, o2, omp)
         _omp_parallel(omp[0], omp[2], blk.ctypes.data, nthreads)
-        _alive(blk, kcol)
+        _alive((blk, kcol))
     else:
         for t in prange(nthreads):  # (t is unsigned here: cast, or the part compiles twice)
             _sums_part(x1, A, C, B, W, rows, k, kcol, np.int64(t), nthreads, p1, p2, o1, o2)
@@ -627,7 +631,7 @@ def _dots(g1, x1, A, C, B, mean, nthreads, omp):
     elif omp.size:
         blk = _sums_block(g1, x1, A, C, B, W, rows, k, kcol, nthreads, p1, p2, o1, o2, omp)
         _omp_parallel(omp[0], omp[3], blk.ctypes.data, nthreads)
-        _alive(blk, kcol)
+        _alive((blk, kcol))
     else:
         for t in prange(nthreads):
             _dots_part(g1, x1, A, C, B, W, rows, k, kcol, np.int64(t), nthreads, p1, p2, o1, o2)
@@ -713,10 +717,7 @@ def _affine(x1, A, C, B, k, s, o, y1, nthreads, omp):
         blk[13] = oc.ctypes.data
         blk[14] = nthreads
         _omp_parallel(omp[0], omp[4], blk.ctypes.data, nthreads)
-        _alive(blk, k)
-        _alive(s, o)
-        _alive(kc, sc)
-        _alive(oc, oc)
+        _alive((blk, k, s, o, kc, sc, oc))
     else:
         for t in prange(nthreads):
             _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, np.int64(t), nthreads)
@@ -807,8 +808,7 @@ def _grad(g1, x1, A, C, B, co, d1, nthreads, omp):
         blk[10] = cols.ctypes.data
         blk[11] = nthreads
         _omp_parallel(omp[0], omp[5], blk.ctypes.data, nthreads)
-        _alive(blk, co)
-        _alive(cols, cols)
+        _alive((blk, co, cols))
     else:
         for t in prange(nthreads):
             _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, np.int64(t), nthreads)
