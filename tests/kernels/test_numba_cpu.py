@@ -261,6 +261,38 @@ def test_first_use_keeps_torch_thread_count(first_call):
     assert done.stdout.strip() == "1"
 
 
+@pytest.mark.parametrize("env", [{"OMP_THREAD_LIMIT": "1"}, {"OMP_DYNAMIC": "true"}])
+def test_kernels_correct_when_openmp_gives_fewer_threads(env):
+    """OpenMP may run a region on fewer threads than asked for (a thread limit, dynamic
+    adjustment under load): every part of the work must still be done. Training forward,
+    backward and evaluation on 2 requested threads, against torch."""
+    code = (
+        "import torch, bnorm\n"
+        "torch.set_num_threads(2)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = (torch.randn(64, 8, 40, 40, generator=g) * 2 + 1).requires_grad_()\n"
+        "dy = torch.randn(64, 8, 40, 40, generator=g)\n"
+        "diffs = []\n"
+        "for cl in (False, True):\n"
+        "    xi = x.detach().contiguous(memory_format=torch.channels_last) if cl else x.detach()\n"
+        "    outs = []\n"
+        "    for layer in (bnorm.BatchNorm2d(8), torch.nn.BatchNorm2d(8)):\n"
+        "        xr = xi.clone().requires_grad_()\n"
+        "        y = layer(xr)\n"
+        "        y.backward(dy)\n"
+        "        with torch.no_grad():\n"
+        "            e = layer.eval()(xi)\n"
+        "        outs.append((y.detach(), xr.grad, layer.running_var, e))\n"
+        "    diffs += [float((a - b).abs().max()) for a, b in zip(*outs)]\n"
+        "print(max(diffs))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**os.environ, **env},
+    )  # fmt: skip
+    assert float(done.stdout) < 1e-4
+
+
 def test_torch_pool_can_be_switched_off_by_the_environment():
     """``BNORM_TORCH_POOL=0``: the kernels run on numba's pool, with the same results."""
     code = (

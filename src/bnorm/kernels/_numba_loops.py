@@ -92,13 +92,17 @@ _i64 = _pointer(types.int64)
 # threads must wake while torch's still spin. Where torch runs on GNU OpenMP, the loops instead
 # run on torch's pool: GOMP_parallel(fn, data, nthreads, 0) is the call a compiler emits for
 # `#pragma omp parallel`, made here through the addresses of torch's runtime's functions
-# (found by numba_cpu) with a compiled C callback (a *share*) that does one thread's part.
+# (found by numba_cpu) with a compiled C callback (a *share*) that does the parts of the work
+# given to its thread. The runtime may give a region fewer threads than asked for (with
+# OMP_DYNAMIC=true, OMP_THREAD_LIMIT, or inside another parallel region), so a share does not
+# assume one thread per part: thread ``i`` of a team of ``n`` does parts i, i + n, ... .
 #
 # Every parallel entry point takes ``pomp``: 0 for numba's pool, or the address of an int64
-# table [GOMP_parallel, omp_get_thread_num, sums share, dots share, affine share, grad share]
-# for the data's dtype (see :func:`shares`). A share reads its arguments from an int64 block of
-# addresses and sizes; the arrays behind those addresses are kept alive past the parallel
-# region (``_alive``), since numba frees an array after its last use in the code.
+# table [GOMP_parallel, omp_get_thread_num, omp_get_num_threads, sums share, dots share,
+# affine share, grad share] for the data's dtype (see :func:`shares`). A share reads its
+# arguments from an int64 block of addresses and sizes; the arrays behind those addresses are
+# kept alive past the parallel region (``_alive``), since numba frees an array after its last
+# use in the code.
 
 
 @intrinsic
@@ -125,9 +129,10 @@ def _omp_parallel(typingctx, address, fn, data, nthreads):
 
 
 @intrinsic
-def _omp_thread(typingctx, address):
-    """``omp_get_thread_num()`` through the function's address: this thread's number in its
-    team (0 for the thread that launched the region)."""
+def _omp_int(typingctx, address):
+    """An ``int f(void)`` of the OpenMP runtime through its address: ``omp_get_thread_num()``
+    (this thread's number in its team, 0 for the thread that launched the region) or
+    ``omp_get_num_threads()`` (the team's size)."""
 
     def codegen(context, builder, signature, args):
         fnty = ir.FunctionType(ir.IntType(32), [])
@@ -139,8 +144,8 @@ def _omp_thread(typingctx, address):
 
 @njit(**_OPTS)
 def _table(pomp):
-    """The table at ``pomp`` (six int64), or an empty one for numba's pool (``pomp == 0``)."""
-    return carray(_i64(pomp), 6 if pomp != 0 else 0)
+    """The table at ``pomp`` (seven int64), or an empty one for numba's pool (``pomp == 0``)."""
+    return carray(_i64(pomp), 7 if pomp != 0 else 0)
 
 
 @njit(**_OPTS)
@@ -153,10 +158,11 @@ def _alive(arrays):
     return n
 
 
-# the shares' argument blocks (int64 slots; slot 0 is always omp_get_thread_num's address)
-_SUMS_BLOCK = 17  # tid, g, x, A, C, B, W, rows, k, kcol, nthreads, p1, p2, P, o1, o2, len(o1)
-_AFFINE_BLOCK = 15  # tid, x, y, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads
-_GRAD_BLOCK = 12  # tid, g, x, d, A, C, B, W, rows, co, cols, nthreads
+# the shares' argument blocks (int64 slots; the first and the last hold the addresses of
+# omp_get_thread_num and omp_get_num_threads)
+_SUMS_BLOCK = 18  # tid, g, x, A, C, B, W, rows, k, kcol, nthreads, p1, p2, P, o1, o2, len(o1), n
+_AFFINE_BLOCK = 16  # tid, x, y, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads, n
+_GRAD_BLOCK = 13  # tid, g, x, d, A, C, B, W, rows, co, cols, nthreads, n
 
 
 @njit(**_OPTS)
@@ -179,97 +185,142 @@ def _sums_block(g1, x1, A, C, B, W, rows, k, kcol, nthreads, p1, p2, o1, o2, omp
     blk[14] = o1.ctypes.data
     blk[15] = o2.ctypes.data
     blk[16] = o1.shape[0]
+    blk[17] = omp[2]
     return blk
 
 
 def _sums_share_f32(data):
     blk = carray(_i64(data), _SUMS_BLOCK)
     A, C, B, W, nt, P, no = blk[3], blk[4], blk[5], blk[6], blk[10], blk[13], blk[16]
-    _sums_part(
-        carray(_f32(blk[2]), A * C * B), A, C, B, W, blk[7], carray(_f32(blk[8]), C),
-        carray(_f32(blk[9]), W), _omp_thread(blk[0]), nt, carray(_f64(blk[11]), (nt, P)),
-        carray(_f64(blk[12]), (nt, P)), carray(_f64(blk[14]), no), carray(_f64(blk[15]), no),
-    )  # fmt: skip
+    x1 = carray(_f32(blk[2]), A * C * B)
+    k = carray(_f32(blk[8]), C)
+    kcol = carray(_f32(blk[9]), W)
+    p1 = carray(_f64(blk[11]), (nt, P))
+    p2 = carray(_f64(blk[12]), (nt, P))
+    o1 = carray(_f64(blk[14]), no)
+    o2 = carray(_f64(blk[15]), no)
+    t, team = _omp_int(blk[0]), _omp_int(blk[17])
+    while t < nt:
+        _sums_part(x1, A, C, B, W, blk[7], k, kcol, t, nt, p1, p2, o1, o2)
+        t += team
 
 
 def _sums_share_f64(data):
     blk = carray(_i64(data), _SUMS_BLOCK)
     A, C, B, W, nt, P, no = blk[3], blk[4], blk[5], blk[6], blk[10], blk[13], blk[16]
-    _sums_part(
-        carray(_f64(blk[2]), A * C * B), A, C, B, W, blk[7], carray(_f64(blk[8]), C),
-        carray(_f64(blk[9]), W), _omp_thread(blk[0]), nt, carray(_f64(blk[11]), (nt, P)),
-        carray(_f64(blk[12]), (nt, P)), carray(_f64(blk[14]), no), carray(_f64(blk[15]), no),
-    )  # fmt: skip
+    x1 = carray(_f64(blk[2]), A * C * B)
+    k = carray(_f64(blk[8]), C)
+    kcol = carray(_f64(blk[9]), W)
+    p1 = carray(_f64(blk[11]), (nt, P))
+    p2 = carray(_f64(blk[12]), (nt, P))
+    o1 = carray(_f64(blk[14]), no)
+    o2 = carray(_f64(blk[15]), no)
+    t, team = _omp_int(blk[0]), _omp_int(blk[17])
+    while t < nt:
+        _sums_part(x1, A, C, B, W, blk[7], k, kcol, t, nt, p1, p2, o1, o2)
+        t += team
 
 
 def _dots_share_f32(data):
     blk = carray(_i64(data), _SUMS_BLOCK)
     A, C, B, W, nt, P, no = blk[3], blk[4], blk[5], blk[6], blk[10], blk[13], blk[16]
     n = A * C * B
-    _dots_part(
-        carray(_f32(blk[1]), n), carray(_f32(blk[2]), n), A, C, B, W, blk[7],
-        carray(_f32(blk[8]), C), carray(_f32(blk[9]), W), _omp_thread(blk[0]), nt,
-        carray(_f64(blk[11]), (nt, P)), carray(_f64(blk[12]), (nt, P)),
-        carray(_f64(blk[14]), no), carray(_f64(blk[15]), no),
-    )  # fmt: skip
+    g1 = carray(_f32(blk[1]), n)
+    x1 = carray(_f32(blk[2]), n)
+    k = carray(_f32(blk[8]), C)
+    kcol = carray(_f32(blk[9]), W)
+    p1 = carray(_f64(blk[11]), (nt, P))
+    p2 = carray(_f64(blk[12]), (nt, P))
+    o1 = carray(_f64(blk[14]), no)
+    o2 = carray(_f64(blk[15]), no)
+    t, team = _omp_int(blk[0]), _omp_int(blk[17])
+    while t < nt:
+        _dots_part(g1, x1, A, C, B, W, blk[7], k, kcol, t, nt, p1, p2, o1, o2)
+        t += team
 
 
 def _dots_share_f64(data):
     blk = carray(_i64(data), _SUMS_BLOCK)
     A, C, B, W, nt, P, no = blk[3], blk[4], blk[5], blk[6], blk[10], blk[13], blk[16]
     n = A * C * B
-    _dots_part(
-        carray(_f64(blk[1]), n), carray(_f64(blk[2]), n), A, C, B, W, blk[7],
-        carray(_f64(blk[8]), C), carray(_f64(blk[9]), W), _omp_thread(blk[0]), nt,
-        carray(_f64(blk[11]), (nt, P)), carray(_f64(blk[12]), (nt, P)),
-        carray(_f64(blk[14]), no), carray(_f64(blk[15]), no),
-    )  # fmt: skip
+    g1 = carray(_f64(blk[1]), n)
+    x1 = carray(_f64(blk[2]), n)
+    k = carray(_f64(blk[8]), C)
+    kcol = carray(_f64(blk[9]), W)
+    p1 = carray(_f64(blk[11]), (nt, P))
+    p2 = carray(_f64(blk[12]), (nt, P))
+    o1 = carray(_f64(blk[14]), no)
+    o2 = carray(_f64(blk[15]), no)
+    t, team = _omp_int(blk[0]), _omp_int(blk[17])
+    while t < nt:
+        _dots_part(g1, x1, A, C, B, W, blk[7], k, kcol, t, nt, p1, p2, o1, o2)
+        t += team
 
 
 def _affine_share_f32(data):
     blk = carray(_i64(data), _AFFINE_BLOCK)
-    A, C, B, W = blk[3], blk[4], blk[5], blk[6]
+    A, C, B, W, nt = blk[3], blk[4], blk[5], blk[6], blk[14]
     n = A * C * B
-    _affine_part(
-        carray(_f32(blk[1]), n), carray(_f32(blk[2]), n), A, C, B, W, blk[7],
-        carray(_f32(blk[8]), C), carray(_f32(blk[9]), C), carray(_f32(blk[10]), C),
-        carray(_f32(blk[11]), W), carray(_f32(blk[12]), W), carray(_f32(blk[13]), W),
-        _omp_thread(blk[0]), blk[14],
-    )  # fmt: skip
+    x1 = carray(_f32(blk[1]), n)
+    y1 = carray(_f32(blk[2]), n)
+    k = carray(_f32(blk[8]), C)
+    s = carray(_f32(blk[9]), C)
+    o = carray(_f32(blk[10]), C)
+    kc = carray(_f32(blk[11]), W)
+    sc = carray(_f32(blk[12]), W)
+    oc = carray(_f32(blk[13]), W)
+    t, team = _omp_int(blk[0]), _omp_int(blk[15])
+    while t < nt:
+        _affine_part(x1, y1, A, C, B, W, blk[7], k, s, o, kc, sc, oc, t, nt)
+        t += team
 
 
 def _affine_share_f64(data):
     blk = carray(_i64(data), _AFFINE_BLOCK)
-    A, C, B, W = blk[3], blk[4], blk[5], blk[6]
+    A, C, B, W, nt = blk[3], blk[4], blk[5], blk[6], blk[14]
     n = A * C * B
-    _affine_part(
-        carray(_f64(blk[1]), n), carray(_f64(blk[2]), n), A, C, B, W, blk[7],
-        carray(_f64(blk[8]), C), carray(_f64(blk[9]), C), carray(_f64(blk[10]), C),
-        carray(_f64(blk[11]), W), carray(_f64(blk[12]), W), carray(_f64(blk[13]), W),
-        _omp_thread(blk[0]), blk[14],
-    )  # fmt: skip
+    x1 = carray(_f64(blk[1]), n)
+    y1 = carray(_f64(blk[2]), n)
+    k = carray(_f64(blk[8]), C)
+    s = carray(_f64(blk[9]), C)
+    o = carray(_f64(blk[10]), C)
+    kc = carray(_f64(blk[11]), W)
+    sc = carray(_f64(blk[12]), W)
+    oc = carray(_f64(blk[13]), W)
+    t, team = _omp_int(blk[0]), _omp_int(blk[15])
+    while t < nt:
+        _affine_part(x1, y1, A, C, B, W, blk[7], k, s, o, kc, sc, oc, t, nt)
+        t += team
 
 
 def _grad_share_f32(data):
     blk = carray(_i64(data), _GRAD_BLOCK)
-    A, C, B, W = blk[4], blk[5], blk[6], blk[7]
+    A, C, B, W, nt = blk[4], blk[5], blk[6], blk[7], blk[11]
     n = A * C * B
-    _grad_part(
-        carray(_f32(blk[1]), n), carray(_f32(blk[2]), n), carray(_f32(blk[3]), n), A, C, B,
-        W, blk[8], carray(_f32(blk[9]), (4, C)), carray(_f32(blk[10]), (4, W)),
-        _omp_thread(blk[0]), blk[11],
-    )  # fmt: skip
+    g1 = carray(_f32(blk[1]), n)
+    x1 = carray(_f32(blk[2]), n)
+    d1 = carray(_f32(blk[3]), n)
+    co = carray(_f32(blk[9]), (4, C))
+    cols = carray(_f32(blk[10]), (4, W))
+    t, team = _omp_int(blk[0]), _omp_int(blk[12])
+    while t < nt:
+        _grad_part(g1, x1, d1, A, C, B, W, blk[8], co, cols, t, nt)
+        t += team
 
 
 def _grad_share_f64(data):
     blk = carray(_i64(data), _GRAD_BLOCK)
-    A, C, B, W = blk[4], blk[5], blk[6], blk[7]
+    A, C, B, W, nt = blk[4], blk[5], blk[6], blk[7], blk[11]
     n = A * C * B
-    _grad_part(
-        carray(_f64(blk[1]), n), carray(_f64(blk[2]), n), carray(_f64(blk[3]), n), A, C, B,
-        W, blk[8], carray(_f64(blk[9]), (4, C)), carray(_f64(blk[10]), (4, W)),
-        _omp_thread(blk[0]), blk[11],
-    )  # fmt: skip
+    g1 = carray(_f64(blk[1]), n)
+    x1 = carray(_f64(blk[2]), n)
+    d1 = carray(_f64(blk[3]), n)
+    co = carray(_f64(blk[9]), (4, C))
+    cols = carray(_f64(blk[10]), (4, W))
+    t, team = _omp_int(blk[0]), _omp_int(blk[12])
+    while t < nt:
+        _grad_part(g1, x1, d1, A, C, B, W, blk[8], co, cols, t, nt)
+        t += team
 
 
 def shares(f32: bool) -> list[int]:
@@ -506,7 +557,7 @@ def _sums(x1, A, C, B, k, nthreads, omp):
         _sums_part(x1, A, C, B, W, rows, k, kcol, nthreads - 1, nthreads, p1, p2, o1, o2)
     elif omp.size:
         blk = _sums_block(x1, x1, A, C, B, W, rows, k, kcol, nthreads, p1, p2, o1, o2, omp)
-        _omp_parallel(omp[0], omp[2], blk.ctypes.data, nthreads)
+        _omp_parallel(omp[0], omp[3], blk.ctypes.data, nthreads)
         _alive((blk, kcol))
     else:
         for t in prange(nthreads):  # (t is unsigned here: cast, or the part compiles twice)
@@ -630,7 +681,7 @@ def _dots(g1, x1, A, C, B, mean, nthreads, omp):
         _dots_part(g1, x1, A, C, B, W, rows, k, kcol, nthreads - 1, nthreads, p1, p2, o1, o2)
     elif omp.size:
         blk = _sums_block(g1, x1, A, C, B, W, rows, k, kcol, nthreads, p1, p2, o1, o2, omp)
-        _omp_parallel(omp[0], omp[3], blk.ctypes.data, nthreads)
+        _omp_parallel(omp[0], omp[4], blk.ctypes.data, nthreads)
         _alive((blk, kcol))
     else:
         for t in prange(nthreads):
@@ -716,7 +767,8 @@ def _affine(x1, A, C, B, k, s, o, y1, nthreads, omp):
         blk[12] = sc.ctypes.data
         blk[13] = oc.ctypes.data
         blk[14] = nthreads
-        _omp_parallel(omp[0], omp[4], blk.ctypes.data, nthreads)
+        blk[15] = omp[2]
+        _omp_parallel(omp[0], omp[5], blk.ctypes.data, nthreads)
         _alive((blk, k, s, o, kc, sc, oc))
     else:
         for t in prange(nthreads):
@@ -807,7 +859,8 @@ def _grad(g1, x1, A, C, B, co, d1, nthreads, omp):
         blk[9] = co.ctypes.data
         blk[10] = cols.ctypes.data
         blk[11] = nthreads
-        _omp_parallel(omp[0], omp[5], blk.ctypes.data, nthreads)
+        blk[12] = omp[2]
+        _omp_parallel(omp[0], omp[6], blk.ctypes.data, nthreads)
         _alive((blk, co, cols))
     else:
         for t in prange(nthreads):

@@ -93,10 +93,10 @@ def _start_pool() -> None:
 
 
 def _torch_openmp() -> np.ndarray | None:
-    """The addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` in the OpenMP runtime that
-    torch's own kernels run on (int64 array of two), or ``None``: torch not built with GNU
-    OpenMP (its wheels for Linux are), the runtime not found among torch's libraries, or
-    ``BNORM_TORCH_POOL=0``.
+    """The addresses of ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` in
+    the OpenMP runtime that torch's own kernels run on (int64 array of three), or ``None``:
+    torch not built with GNU OpenMP (its wheels for Linux are), the runtime not found among
+    torch's libraries, or ``BNORM_TORCH_POOL=0``.
 
     bnorm's loops then run on torch's thread pool rather than numba's (see ``_numba_loops``,
     "torch's OpenMP thread pool"). Only a runtime the process has already loaded is taken
@@ -112,18 +112,19 @@ def _torch_openmp() -> np.ndarray | None:
     for path in sorted(candidates):
         try:
             lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-            launch, thread = lib.GOMP_parallel, lib.omp_get_thread_num
+            functions = (lib.GOMP_parallel, lib.omp_get_thread_num, lib.omp_get_num_threads)
         except (OSError, AttributeError):
             continue
-        addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in (launch, thread)]
+        addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in functions]
         return np.array(addresses, dtype=np.int64)
     return None
 
 
 _TORCH_OPENMP = _torch_openmp()
 #: per compute dtype, the ``pomp`` argument of the loops: the address of the table
-#: [GOMP_parallel, omp_get_thread_num, the four shares] (kept alive in _tables), or 0 for
-#: numba's pool; made at the first kernel call of that dtype (compiling the shares)
+#: [GOMP_parallel, omp_get_thread_num, omp_get_num_threads, the four shares] (kept alive in
+#: _tables), or 0 for numba's pool; made at the first kernel call of that dtype (compiling the
+#: shares)
 _pools: dict[torch.dtype, int] = {}
 _tables: list[np.ndarray] = []
 
