@@ -195,9 +195,7 @@ def batch_norm_unchecked(
         assert running_mean is not None and running_var is not None
         mean = running_mean.detach().to(torch.float64)
         invstd = torch.rsqrt(running_var.detach().to(torch.float64) + eps)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    ):
+    if _needs_grad(x, weight, bias):
         return _BatchNormFunction.apply(
             x, weight, bias, mean, invstd, use_batch_stats, eps, backend
         )
@@ -290,6 +288,15 @@ def _common_case(
     return True
 
 
+def _needs_grad(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether autograd records this call (then the fast paths go through a Function)."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
 def fused_eval(
     x: Tensor,
     weight: Tensor | None,
@@ -302,11 +309,12 @@ def fused_eval(
     * weight + bias`` by one compiled pass; ``None`` when anything is unusual (the caller then
     takes the checked path, whose errors name the problem).
 
-    The common case is :func:`fused_forward`'s: a plain CPU float32/float64 tensor ``(N, C,
-    *)`` of at least one value, contiguous or channels_last(_3d), per-channel tensors of ``C``
-    values of its dtype, contiguous, on the CPU, a positive ``eps`` and the numba backend. The
-    layers call it directly in evaluation with only what evaluation reads: on a 1 MB input the
-    Python around the kernel costs about half a ``clone()``, and every argument and test counts.
+    The common case is :func:`fused_forward`'s (:func:`_common_case`): a plain CPU
+    float32/float64 tensor ``(N, C, *)`` of at least one value, contiguous or
+    channels_last(_3d), per-channel tensors of ``C`` values of its dtype, contiguous, on the
+    CPU, a positive ``eps`` and the numba backend. The layers call it directly in evaluation
+    with only what evaluation reads: on a 1 MB input the Python around the kernel costs about
+    half a ``clone()``, and every argument and test counts.
     """
     if running_var is None or not eps > 0:
         return None
@@ -314,11 +322,7 @@ def fused_eval(
         return None
     if x.numel() == 0:  # an empty batch: the checked path returns an empty result
         return None
-    if torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
+    if _needs_grad(x, weight, bias):
         return _FusedEvalFunction.apply(x, weight, bias, running_mean, running_var, eps)
     return kernels.numba_cpu.eval_forward_checked(
         x, running_mean, running_var, weight, bias, float(eps)
@@ -332,38 +336,29 @@ def fused_forward(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     num_batches_tracked: Tensor | None,
-    use_batch_stats: bool,
     update: bool,
     momentum: float | None,
     eps: float,
     on_nonfinite: str,
     layer: Callable[[], str],
 ) -> Tensor | None:
-    """The fast path of bnorm's layers: the common case, recognized in a few comparisons and
-    computed by one compiled call each way; ``None`` when anything is unusual (the caller then
-    takes the checked path, whose errors name the problem).
+    """The layers' fast path when the batch's own statistics normalize (training, or no
+    running statistics): the common case, recognized in a few comparisons and computed by one
+    compiled call each way; ``None`` when anything is unusual (the caller then takes the
+    checked path, whose errors name the problem). Evaluation has :func:`fused_eval`.
 
     The common case: a plain CPU float32/float64 tensor of at least two values per channel in
     a dense layout, per-channel tensors of the same dtype, contiguous, on the CPU, a positive
     ``eps`` and the numba backend. ``update`` says whether the running statistics (then given,
-    with ``num_batches_tracked``) move towards the batch's; in evaluation
-    (``use_batch_stats=False``) they normalize. ``layer`` gives the layer's name for messages
-    (called only when one is needed). Arguments are positional: on a 1 MB evaluation the
-    Python around the kernel costs most of the kernel's own time, and keywords add to it.
+    with ``num_batches_tracked``) move towards the batch's. ``layer`` gives the layer's name
+    for messages (called only when one is needed). Arguments are positional: for small inputs
+    the Python around the kernel costs as much as the kernel, and keywords add to it.
     """
-    if not use_batch_stats:  # evaluation: the running statistics normalize
-        if running_mean is None:
-            return None
-        return fused_eval(x, weight, bias, running_mean, running_var, eps)
     if not _common_case(x, weight, bias, running_mean, running_var):
         return None
     if not eps > 0 or on_nonfinite not in _checks.NONFINITE_POLICIES:
         return None
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    )
+    needs_grad = _needs_grad(x, weight, bias)
     channels = x.shape[1]
     numel = x.numel()
     if numel <= channels:  # empty, or one value per channel: the checked path says what to do
@@ -456,9 +451,7 @@ def _fused_numba(
     dtype, ``momentum=None`` without a counter).
     """
     numba_cpu = kernels.numba_cpu
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
+    needs_grad = _needs_grad(x, weight, bias)
     if not use_batch_stats:
         if not numba_cpu.fused_buffers_ok(x, running_mean, running_var):
             return None

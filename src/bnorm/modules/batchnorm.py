@@ -171,7 +171,6 @@ class _BatchNormBase:
                     running_mean,
                     buffers.get("running_var"),
                     buffers.get("num_batches_tracked"),
-                    True,
                     training and self.track_running_stats,
                     self.momentum,
                     self.eps,
