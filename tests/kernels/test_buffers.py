@@ -4,6 +4,8 @@ the layouts the kernels write, the cap, and the public switches."""
 import gc
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -177,3 +179,95 @@ def test_the_documented_limit_resize_beyond_the_buffer_raises():
         y.resize_(2 * BIG[0], BIG[1])
     y.resize_(10, 10)  # within the buffer it works, as for any tensor
     assert y.shape == (10, 10)
+
+
+@pytest.mark.parametrize(
+    "hold",
+    [
+        lambda y: y.untyped_storage(),  # a storage object alone
+        lambda y: y.numpy(),  # a NumPy array over the tensor
+        lambda y: torch.empty(0).set_(y.untyped_storage()),  # another tensor on its storage
+        lambda y: y.detach(),
+    ],
+    ids=["storage", "numpy", "set_", "detach"],
+)
+def test_a_buffer_reachable_any_other_way_is_not_reused(hold):
+    x = torch.empty(BIG)
+    y = buffers.empty_like(x)
+    ptr = y.data_ptr()
+    keep = hold(y)
+    del y
+    assert buffers.empty_like(x).data_ptr() != ptr
+    del keep
+    gc.collect()
+    assert buffers.empty_like(x).data_ptr() == ptr
+
+
+def test_the_cap_counts_buffers_in_use():
+    nbytes = BIG[0] * BIG[1] * 4
+    bnorm.set_buffer_cache(2 * nbytes)
+    x = torch.empty(BIG)
+    misses = bnorm.buffer_cache_info().misses
+    kept = [buffers.empty_like(x) for _ in range(3)]  # the third is beyond the cap
+    info = bnorm.buffer_cache_info()
+    assert (info.in_use_bytes, info.cached_bytes, info.misses - misses) == (2 * nbytes, 0, 3)
+    third = kept.pop()
+    del third  # a torch.empty output: nothing comes back to the cache
+    assert bnorm.buffer_cache_info().cached_bytes == 0
+    kept.pop()
+    assert bnorm.buffer_cache_info().cached_bytes == nbytes
+
+
+def test_idle_buffers_of_other_layouts_make_room_under_the_cap():
+    nbytes = BIG[0] * BIG[1] * 4
+    bnorm.set_buffer_cache(nbytes)
+    a = buffers.empty_like(torch.empty(BIG))
+    del a  # idle, but of another shape than what comes next
+    b = buffers.empty_like(torch.empty(BIG[1], BIG[0]))
+    info = bnorm.buffer_cache_info()
+    assert (info.in_use_bytes, info.cached_bytes) == (nbytes, 0)
+    assert b.shape == (BIG[1], BIG[0])
+
+
+def test_set_buffer_cache_leaves_buffers_in_use_to_their_tensors():
+    x = torch.empty(BIG)
+    y = buffers.empty_like(x).fill_(2.0)
+    bnorm.set_buffer_cache(1 << 30)
+    assert bnorm.buffer_cache_info().in_use_bytes == 0  # no longer the cache's
+    z = buffers.empty_like(x).fill_(3.0)
+    assert z.data_ptr() != y.data_ptr() and bool((y == 2.0).all())
+
+
+class _YieldingCount(int):
+    """An int that lets other threads run whenever it is compared: in place of the idle count,
+    it opens the window between seeing a buffer idle and taking it as wide as it can be."""
+
+    def __eq__(self, other: object) -> bool:
+        time.sleep(0)
+        return int(self) == other
+
+    __hash__ = int.__hash__
+
+
+def test_two_threads_never_get_the_same_buffer(monkeypatch):
+    """The reuse test takes no lock (see empty_like): threads racing for the same idle buffer
+    must each end up with memory of its own."""
+    monkeypatch.setattr(buffers, "_IDLE_REFS", _YieldingCount(buffers._IDLE_REFS))
+    x = torch.empty(BIG)
+    errors = []
+
+    def work(value: float) -> None:
+        for _ in range(200):
+            y = buffers.empty_like(x)
+            y[0, :8] = value
+            time.sleep(0)  # the other threads take their turn
+            if not bool((y[0, :8] == value).all()):
+                errors.append(value)
+            del y
+
+    threads = [threading.Thread(target=work, args=(float(i),)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors

@@ -48,6 +48,7 @@ def threading_mode(request, monkeypatch):
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 1)
     if request.param == "threads2-numba-pool":
         monkeypatch.setattr(numba_cpu, "_pools", {torch.float32: 0, torch.float64: 0})
+        monkeypatch.setattr(numba_cpu, "_TORCH_OPENMP", None)  # as where torch's is not found
     torch.set_num_threads(1 if request.param == "threads1" else 2)
     yield request.param
     torch.set_num_threads(before)
@@ -224,9 +225,13 @@ def test_nonfinite_batch_leaves_running_stats_on_the_fused_path(bad, threading_m
 
 
 def test_numba_threads_follow_torch(monkeypatch):
+    """On numba's pool (the fallback) the kernels set numba's count to torch's; on torch's pool
+    the team is torch's own, and numba's count is left alone."""
     numba = pytest.importorskip("numba")
     before = torch.get_num_threads()
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_NUMEL", 1)
+    monkeypatch.setattr(numba_cpu, "_pools", {torch.float32: 0, torch.float64: 0})
+    monkeypatch.setattr(numba_cpu, "_TORCH_OPENMP", None)
     try:
         for n in (1, 2):
             torch.set_num_threads(n)

@@ -165,10 +165,10 @@ def _threads(numel: int) -> int:
     want = torch.get_num_threads()
     if want > _MAX_THREADS:
         want = _MAX_THREADS
-    # numba's count is per calling thread, and asking numba costs a microsecond: remember what
-    # this thread set (a user who calls numba.set_num_threads directly only changes how many
-    # threads share the same chunks)
-    if getattr(_numba_threads, "count", 0) != want:
+    # numba's count matters only on numba's pool. It is per calling thread, and asking numba
+    # costs a microsecond: remember what this thread set (a user who calls
+    # numba.set_num_threads directly only changes how many threads share the same chunks)
+    if _TORCH_OPENMP is None and getattr(_numba_threads, "count", 0) != want:
         numba.set_num_threads(want)
         _numba_threads.count = want
     return want
@@ -504,9 +504,10 @@ def eval_forward_checked(
     of x's dtype, float32 or float64 (the layers' fast path; the fewer Python steps matter on
     small inputs)."""
     if x.is_contiguous():
-        c = x.shape[1]
+        shape = x.shape
+        a = shape[0]
+        c = shape[1]
         n = x.numel()
-        a = x.shape[0]
         b = n // (a * c)
     else:
         x, a, c, b, _ = _prepare(x)
