@@ -36,6 +36,9 @@ SHAPES = [
     # the middle of a channel's sequence, so a thread's first run is not channel 0
     ((3, 5, 40), False),
     ((3, 3, 6, 7), False),
+    # the blocked training passes (channel_block): 9 and 16 channels split over 2 threads
+    ((3, 9, 40), False),
+    ((2, 16, 6, 6), False),
 ]
 
 
@@ -444,3 +447,83 @@ def test_kernels_called_from_two_python_threads_at_once():
         for step_a, step_b in zip(a, b, strict=True):
             for u, v in zip(step_a, step_b, strict=True):
                 assert torch.equal(u, v)
+
+
+# --- the blocked training passes (loops.channel_block) -----------------------------------------
+
+BLOCKED = (64, 16, 1200)  # float32: 300 KB per channel, so 3 channels per forward block and 1
+# per backward block (dy and x); each of 2 threads gets 8 channels: forward blocks of 3, 3, 2
+
+
+def test_channel_blocks_apply_where_the_data_allows():
+    blocks = numba_cpu.loops.channel_block
+    budget = numba_cpu.loops.BLOCK_BYTES
+    assert blocks(64, 64, 784, 4, 1, 2) == budget // (64 * 784 * 4)  # the bench's 12 MB case
+    assert blocks(64, 16, 1200, 4, 1, 2) == 3 and blocks(64, 16, 1200, 4, 2, 2) == 1
+    assert blocks(64, 64, 31, 4, 1, 2) == 0  # short runs: the column family
+    assert blocks(64, 7, 784, 4, 1, 2) == 0  # fewer than 4 channels per thread
+    assert blocks(128, 64, 3136, 4, 1, 2) == 0  # one channel is more than a block
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e5])
+def test_blocked_training_pass_with_several_blocks_per_thread(offset, threading_mode):
+    """float32 data far from zero, against the float64 reference: y, dx, dweight, dbias and the
+    running statistics. The shift is taken from the first value of the first 16 samples: those
+    are 1000 standard deviations off in every third channel, so those blocks sum again around
+    their mean. The gradient follows x (as it does in training), so that the term of dx that
+    corrects for the mean's rounding to float32 counts."""
+    c = BLOCKED[1]
+    x = _x(BLOCKED, False, dtype=torch.float64, offset=offset, seed=13)
+    x[:16, ::3, 0] += 1e3
+    x = x.float().requires_grad_()
+    w = (torch.rand(c) + 0.5).requires_grad_()
+    b = torch.randn(c).requires_grad_()
+    rm, rv = torch.zeros(c), torch.ones(c)
+    y = batch_norm(x, rm, rv, w, b, training=True, momentum=0.5)
+    dy = _x(BLOCKED, False, dtype=torch.float32, seed=14) + (x.detach() - offset) * 0.5
+    y.backward(dy)
+    y_ref, cache = ref.forward_train(np64(x), np64(w), np64(b), eps=1e-5)
+    dx_ref, dw_ref, db_ref = ref.backward(np64(dy), cache)
+    rm_ref, rv_ref, _ = ref.update_running_stats(np.zeros(c), np.ones(c), cache.stats, 0.5)
+    assert np.abs(np64(y) - y_ref).max() <= 1e-4
+    # dx is of the order of w / std: compare with that scale
+    assert np.abs(np64(x.grad) - dx_ref).max() <= 2e-5 * np.abs(dx_ref).max()
+    assert_close(w.grad, dw_ref, atol=0, rtol=1e-4, what="dweight")
+    assert_close(b.grad, db_ref, atol=1e-2, rtol=1e-5, what="dbias")
+    assert_close(rm, rm_ref, atol=1e-6, rtol=1e-6, what="running_mean")
+    assert_close(rv, rv_ref, atol=0, rtol=1e-5, what="running_var")
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (True, True, False)])
+def test_blocked_backward_computes_what_is_asked(needs, threading_mode):
+    c = BLOCKED[1]
+    x = _x(BLOCKED, False, dtype=torch.float32, offset=3.0, seed=15)
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    dy = _x(BLOCKED, False, dtype=torch.float32, seed=16)
+    _y, stats, _finite = numba_cpu.train_forward(x, w, b, None, None, None, 0.1, 1e-5)
+    dx, dw, db = numba_cpu.train_backward(dy, x, stats, w, b, needs)
+    _y_ref, cache = ref.forward_train(np64(x), np64(w), np64(b), eps=1e-5)
+    expected = ref.backward(np64(dy), cache)
+    names = ("dx", "dw", "db")
+    for got, want, need, what in zip((dx, dw, db), expected, needs, names, strict=True):
+        if need:
+            assert got is not None, what
+            assert np.abs(np64(got) - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), what
+        else:
+            assert got is None, what
+
+
+def test_blocked_forward_with_a_nonfinite_channel(threading_mode):
+    """One channel holds a NaN: the batch is not finite (nothing is updated), and the other
+    channels' outputs are right."""
+    c = BLOCKED[1]
+    x = _x(BLOCKED, False, dtype=torch.float32, seed=17)
+    x[5, 11, 7] = float("nan")
+    rm, rv = torch.zeros(c), torch.ones(c)
+    nbt = torch.zeros((), dtype=torch.int64)
+    y, _stats, finite = numba_cpu.train_forward(x, None, None, rm, rv, nbt, 0.1, 1e-5)
+    assert not finite
+    assert torch.equal(rm, torch.zeros(c)) and torch.equal(rv, torch.ones(c)) and int(nbt) == 0
+    assert bool(torch.isnan(y[:, 11]).all())
+    others = [i for i in range(c) if i != 11]
+    assert np.abs(np64(y[:, others]) - exact_normalize(x[:, others])).max() <= 1e-5

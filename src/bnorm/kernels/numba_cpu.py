@@ -122,7 +122,7 @@ def _torch_openmp() -> np.ndarray | None:
 
 _TORCH_OPENMP = _torch_openmp()
 #: per compute dtype, the ``pomp`` argument of the loops: the address of the table
-#: [GOMP_parallel, omp_get_thread_num, omp_get_num_threads, the four shares] (kept alive in
+#: [GOMP_parallel, omp_get_thread_num, omp_get_num_threads, the six shares] (kept alive in
 #: _tables), or 0 for numba's pool; made at the first kernel call of that dtype (compiling the
 #: shares)
 _pools: dict[torch.dtype, int] = {}
