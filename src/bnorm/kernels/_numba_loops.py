@@ -1001,7 +1001,9 @@ def _grad_coefficients(mean, invstd, w, has_w, sum_dy, sum_dy_xmu, n, like):
 # it, and makes its outputs right away, while the block is still in cache. The sums are the
 # runs family's (_run_sum, _run_dot), added over the samples in the same order, so a block's
 # statistics are those of the two-pass loops; only the re-summing around the mean (far shifts)
-# is decided per block instead of for the whole tensor.
+# is decided per block instead of for the whole tensor. They run serially or on torch's pool;
+# on numba's pool (the fallback) the two-pass loops run instead: a prange loop of its own in
+# each entry point cost 9 s more of compilation at the first call, measured.
 
 #: bytes a channel block may hold in the arrays it reads twice (x; dy and x in backward): half
 #: the 2 MB per-core L2 of the machines measured, leaving room for the output. (Measured on
@@ -1144,7 +1146,7 @@ def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, sta
     has_w = (flags & 1) != 0
     has_b = (flags & 2) != 0
     cb = channel_block(A, C, B, x1.itemsize, 1, nthreads)
-    if cb > 0:
+    if cb > 0 and (nthreads == 1 or omp.size):
         mean = np.empty(C)
         var = np.empty(C)
         fin = np.ones(C, np.uint8)
@@ -1152,7 +1154,7 @@ def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, sta
             _forward_blocks(
                 x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, mean, var, stats, fin, 0, C
             )
-        elif omp.size:
+        else:
             par = np.empty(1)  # eps, read through its address
             par[0] = eps
             blk = np.empty(_FORWARD_BLOCKS_BLOCK, np.int64)
@@ -1176,12 +1178,6 @@ def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, sta
             blk[17] = x1.itemsize
             _omp_parallel(omp[0], omp[7], blk.ctypes.data, nthreads)
             _alive((blk, par, mean, var, fin))
-        else:
-            for t in prange(nthreads):  # threads split the channels
-                lo, hi = _chunk(C, np.int64(t), nthreads)
-                _forward_blocks(
-                    x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, mean, var, stats, fin, lo, hi
-                )
         finite = True
         for c in range(C):
             if fin[c] == 0:
@@ -1228,10 +1224,10 @@ def _eval_forward(x1, y1, A, C, B, rm, rv, w, b, flags, eps, nthreads, omp):
 def _train_backward(g1, x1, A, C, B, stats, w, flags, d1, dw, db, nthreads, omp):
     has_w = (flags & 1) != 0
     cb = channel_block(A, C, B, x1.itemsize, 2, nthreads)
-    if cb > 0:
+    if cb > 0 and (nthreads == 1 or omp.size):
         if nthreads == 1:
             _backward_blocks(g1, x1, d1, A, C, B, cb, stats, w, has_w, flags, dw, db, 0, C)
-        elif omp.size:
+        else:
             blk = np.empty(_BACKWARD_BLOCKS_BLOCK, np.int64)
             blk[0] = omp[1]
             blk[1] = g1.ctypes.data
@@ -1251,10 +1247,6 @@ def _train_backward(g1, x1, A, C, B, stats, w, flags, d1, dw, db, nthreads, omp)
             blk[15] = x1.itemsize
             _omp_parallel(omp[0], omp[8], blk.ctypes.data, nthreads)
             _alive((blk,))
-        else:
-            for t in prange(nthreads):  # threads split the channels
-                lo, hi = _chunk(C, np.int64(t), nthreads)
-                _backward_blocks(g1, x1, d1, A, C, B, cb, stats, w, has_w, flags, dw, db, lo, hi)
         return
     mean = stats[0]
     invstd = stats[1]

@@ -15,21 +15,33 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from .. import distributed as bd
     from .runner import run_lab
 
     # Under torchrun: join the process group so the training loops run data-parallel
     # (SyncBatchNorm + DDP) and only rank 0 writes and prints; otherwise nothing happens.
-    bd.init_from_env()
-    records = run_lab(
-        args.names,
-        quick=args.quick,
-        seeds=args.seeds,
-        out=Path(args.out),
-        progress=not args.no_progress,
-        threads=args.threads,
-    )
-    if not bd.is_main_process():
+    distributed = bd.init_from_env()
+    main = bd.is_main_process()
+    try:
+        records = run_lab(
+            args.names,
+            quick=args.quick,
+            seeds=args.seeds,
+            out=Path(args.out),
+            progress=not args.no_progress,
+            threads=args.threads,
+        )
+        if distributed:  # every rank done before any leaves (see below)
+            torch.distributed.barrier()
+    finally:
+        # A gloo group still alive when the interpreter exits can abort the process ("terminate
+        # called without an active exception", seen once in CI on a rank that had nothing to
+        # do in a resumed run): leave it explicitly.
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if not main:
         return 0
     width = max(len(r["name"]) for r in records)
     for r in records:
