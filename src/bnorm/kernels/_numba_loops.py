@@ -175,8 +175,20 @@ def _alive(arrays):
     return n
 
 
-# the shares' argument blocks (int64 slots; the first and the last hold the addresses of
-# omp_get_thread_num and omp_get_num_threads)
+@njit(**_OPTS)
+def _block(values):
+    """A share's argument block: an int64 array of ``values``, a tuple of integers (addresses
+    and sizes; numba types the addresses unsigned, hence the unrolled loop)."""
+    blk = np.empty(len(values), np.int64)
+    i = 0
+    for v in literal_unroll(values):
+        blk[i] = v
+        i += 1
+    return blk
+
+
+# the shares' argument blocks (int64 slots, as many as the _block tuples that make them hold;
+# the first and the last hold the addresses of omp_get_thread_num and omp_get_num_threads)
 _SUMS_BLOCK = 18  # tid, g, x, A, C, B, W, rows, k, kcol, nthreads, p1, p2, P, o1, o2, len(o1), n
 _AFFINE_BLOCK = 16  # tid, x, y, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads, n
 _GRAD_BLOCK = 13  # tid, g, x, d, A, C, B, W, rows, co, cols, nthreads, n
@@ -188,25 +200,11 @@ _BACKWARD_BLOCKS_BLOCK = 15
 
 @njit(**_OPTS)
 def _sums_block(g1, x1, A, C, B, W, rows, k, kcol, nthreads, p1, p2, o1, o2, omp):
-    blk = np.empty(_SUMS_BLOCK, np.int64)
-    blk[0] = omp[1]
-    blk[1] = g1.ctypes.data
-    blk[2] = x1.ctypes.data
-    blk[3] = A
-    blk[4] = C
-    blk[5] = B
-    blk[6] = W
-    blk[7] = rows
-    blk[8] = k.ctypes.data
-    blk[9] = kcol.ctypes.data
-    blk[10] = nthreads
-    blk[11] = p1.ctypes.data
-    blk[12] = p2.ctypes.data
-    blk[13] = p1.shape[1]
-    blk[14] = o1.ctypes.data
-    blk[15] = o2.ctypes.data
-    blk[16] = o1.shape[0]
-    blk[17] = omp[2]
+    blk = _block((  # _SUMS_BLOCK slots
+        omp[1], g1.ctypes.data, x1.ctypes.data, A, C, B, W, rows, k.ctypes.data, kcol.ctypes.data,
+        nthreads, p1.ctypes.data, p2.ctypes.data, p1.shape[1], o1.ctypes.data, o2.ctypes.data,
+        o1.shape[0], omp[2],
+    ))  # fmt: skip
     return blk
 
 
@@ -807,23 +805,10 @@ def _affine(x1, A, C, B, k, s, o, y1, nthreads, omp):
     if nthreads == 1:
         _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads - 1, nthreads)
     elif omp.size:
-        blk = np.empty(_AFFINE_BLOCK, np.int64)
-        blk[0] = omp[1]
-        blk[1] = x1.ctypes.data
-        blk[2] = y1.ctypes.data
-        blk[3] = A
-        blk[4] = C
-        blk[5] = B
-        blk[6] = W
-        blk[7] = rows
-        blk[8] = k.ctypes.data
-        blk[9] = s.ctypes.data
-        blk[10] = o.ctypes.data
-        blk[11] = kc.ctypes.data
-        blk[12] = sc.ctypes.data
-        blk[13] = oc.ctypes.data
-        blk[14] = nthreads
-        blk[15] = omp[2]
+        blk = _block((  # _AFFINE_BLOCK slots
+            omp[1], x1.ctypes.data, y1.ctypes.data, A, C, B, W, rows, k.ctypes.data, s.ctypes.data,
+            o.ctypes.data, kc.ctypes.data, sc.ctypes.data, oc.ctypes.data, nthreads, omp[2],
+        ))  # fmt: skip
         _omp_parallel(omp[0], omp[5], blk.ctypes.data, nthreads)
         _alive((blk, k, s, o, kc, sc, oc))
     else:
@@ -902,20 +887,10 @@ def _grad(g1, x1, A, C, B, co, d1, nthreads, omp):
     if nthreads == 1:
         _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, nthreads - 1, nthreads)
     elif omp.size:
-        blk = np.empty(_GRAD_BLOCK, np.int64)
-        blk[0] = omp[1]
-        blk[1] = g1.ctypes.data
-        blk[2] = x1.ctypes.data
-        blk[3] = d1.ctypes.data
-        blk[4] = A
-        blk[5] = C
-        blk[6] = B
-        blk[7] = W
-        blk[8] = rows
-        blk[9] = co.ctypes.data
-        blk[10] = cols.ctypes.data
-        blk[11] = nthreads
-        blk[12] = omp[2]
+        blk = _block((  # _GRAD_BLOCK slots
+            omp[1], g1.ctypes.data, x1.ctypes.data, d1.ctypes.data, A, C, B, W, rows,
+            co.ctypes.data, cols.ctypes.data, nthreads, omp[2],
+        ))  # fmt: skip
         _omp_parallel(omp[0], omp[6], blk.ctypes.data, nthreads)
         _alive((blk, co, cols))
     else:
@@ -1141,24 +1116,11 @@ def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, sta
         else:
             par = np.empty(1)  # eps, read through its address
             par[0] = eps
-            blk = np.empty(_FORWARD_BLOCKS_BLOCK, np.int64)
-            blk[0] = omp[1]
-            blk[1] = x1.ctypes.data
-            blk[2] = y1.ctypes.data
-            blk[3] = A
-            blk[4] = C
-            blk[5] = B
-            blk[6] = cb
-            blk[7] = w.ctypes.data
-            blk[8] = b.ctypes.data
-            blk[9] = flags & 3
-            blk[10] = par.ctypes.data
-            blk[11] = mean.ctypes.data
-            blk[12] = var.ctypes.data
-            blk[13] = stats.ctypes.data
-            blk[14] = fin.ctypes.data
-            blk[15] = nthreads
-            blk[16] = omp[2]
+            blk = _block((  # _FORWARD_BLOCKS_BLOCK slots
+                omp[1], x1.ctypes.data, y1.ctypes.data, A, C, B, cb, w.ctypes.data, b.ctypes.data,
+                flags & 3, par.ctypes.data, mean.ctypes.data, var.ctypes.data, stats.ctypes.data,
+                fin.ctypes.data, nthreads, omp[2],
+            ))  # fmt: skip
             _omp_parallel(omp[0], omp[7], blk.ctypes.data, nthreads)
             _alive((blk, par, mean, var, fin))
         finite = True
@@ -1211,22 +1173,11 @@ def _train_backward(g1, x1, A, C, B, stats, w, flags, d1, dw, db, nthreads, omp)
         if nthreads == 1:
             _backward_blocks(g1, x1, d1, A, C, B, cb, stats, w, has_w, flags, dw, db, 0, C)
         else:
-            blk = np.empty(_BACKWARD_BLOCKS_BLOCK, np.int64)
-            blk[0] = omp[1]
-            blk[1] = g1.ctypes.data
-            blk[2] = x1.ctypes.data
-            blk[3] = d1.ctypes.data
-            blk[4] = A
-            blk[5] = C
-            blk[6] = B
-            blk[7] = cb
-            blk[8] = stats.ctypes.data
-            blk[9] = w.ctypes.data
-            blk[10] = flags
-            blk[11] = dw.ctypes.data
-            blk[12] = db.ctypes.data
-            blk[13] = nthreads
-            blk[14] = omp[2]
+            blk = _block((  # _BACKWARD_BLOCKS_BLOCK slots
+                omp[1], g1.ctypes.data, x1.ctypes.data, d1.ctypes.data, A, C, B, cb,
+                stats.ctypes.data, w.ctypes.data, flags, dw.ctypes.data, db.ctypes.data, nthreads,
+                omp[2],
+            ))  # fmt: skip
             _omp_parallel(omp[0], omp[8], blk.ctypes.data, nthreads)
             _alive((blk,))
         return
