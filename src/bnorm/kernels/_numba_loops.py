@@ -473,16 +473,16 @@ PILOT = 16
 
 
 @njit(**_OPTS)
-def _shift(x1, A, C, B, W):
-    """The shift ``k`` of the statistics, (C,) in the data's dtype: the mean of the channel's
-    first value in each of the first ``PILOT`` samples."""
-    k = np.empty(C, x1.dtype)
+def _shift(x1, A, C, B, c0, c1):
+    """The shift ``k`` of the statistics of channels ``c0 .. c1-1``, in the data's dtype: the
+    mean of the channel's first value in each of the first ``PILOT`` samples."""
+    k = np.empty(c1 - c0, x1.dtype)
     p = min(A, PILOT)
-    for c in range(C):
+    for c in range(c0, c1):
         acc = 0.0
         for a in range(p):
             acc += np.float64(x1[(a * C + c) * B])
-        k[c] = acc / p
+        k[c - c0] = acc / p
     return k
 
 
@@ -634,8 +634,7 @@ def _batch_stats(x1, A, C, B, nthreads, omp):
     pilot shift was more than 3 standard deviations off, the sums are taken again around the
     mean itself (one more read of x, in rare cases only).
     """
-    W, _rows = plan(A, C, B)
-    k = _shift(x1, A, C, B, W)
+    k = _shift(x1, A, C, B, 0, C)
     mean = np.empty(C)
     var = np.empty(C)
     finite = True
@@ -998,103 +997,74 @@ def _block_bounds(lo, hi, cb, i):
 def _forward_blocks(x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, mean, var, stats, fin, lo, hi):
     """The blocked training forward of channels ``lo .. hi-1``, in blocks of at most ``cb``:
     each block's statistics (into ``mean``, ``var``, ``stats`` and ``fin``, the per-channel
-    finite flags), then its ``y``."""
+    finite flags), then its ``y``; the per-channel math is _batch_stats' and _coefficients'."""
     n = A * B
-    p = min(A, PILOT)
-    k = np.empty(cb, x1.dtype)
-    s = np.empty(cb, x1.dtype)
-    o = np.empty(cb, x1.dtype)
-    s1 = np.empty(cb)
-    s2 = np.empty(cb)
     for i in range((hi - lo + cb - 1) // cb):
         c0, c1 = _block_bounds(lo, hi, cb, i)
         m = c1 - c0
-        for j in range(m):  # the shift: as _shift, the mean of the first values
-            acc = 0.0
-            for a in range(p):
-                acc += np.float64(x1[(a * C + c0 + j) * B])
-            k[j] = acc / p
+        k = _shift(x1, A, C, B, c0, c1)
+        mc = np.empty(m)
+        vc = np.empty(m)
+        finite = True
         for attempt in range(2):
-            for j in range(m):
-                s1[j] = 0.0
-                s2[j] = 0.0
+            s1 = np.zeros(m)
+            s2 = np.zeros(m)
             for a in range(A):  # runs in memory order, each channel's added over a
                 for j in range(m):
                     t1, t2 = _run_sum(x1, (a * C + c0 + j) * B, B, k[j])
                     s1[j] += t1
                     s2[j] += t2
-            finite = True
-            far = False
-            for j in range(m):  # as _mean_var and _far
-                d = s1[j] / n
-                mc = np.float64(k[j]) + d
-                vc = max(s2[j] / n - d * d, 0.0)
-                mean[c0 + j] = mc
-                var[c0 + j] = vc
-                if not (np.isfinite(mc) and np.isfinite(vc)):
-                    finite = False
-                far = far or (mc - np.float64(k[j])) ** 2 > 9.0 * vc
-            if attempt == 1 or not finite or not far:
+            mc, vc, finite = _mean_var(s1, s2, k, n)
+            if attempt == 1 or not finite or not _far(mc, vc, k):
                 break
-            for j in range(m):  # sum again around the mean (the block is still in cache)
-                k[j] = mean[c0 + j]
-        for j in range(m):  # as _coefficients
+            k = _rounded(mc, x1)  # sum again around the mean (the block is still in cache)
+        for j in range(m):
             c = c0 + j
+            mean[c] = mc[j]
+            var[c] = vc[j]
             fin[c] = finite
-            invstd = 1.0 / np.sqrt(var[c] + eps)
-            stats[0, c] = mean[c]
-            stats[1, c] = invstd
-            k[j] = mean[c]
-            scale = invstd * (np.float64(w[c]) if has_w else 1.0)
-            s[j] = scale
-            o[j] = (np.float64(b[c]) if has_b else 0.0) - (mean[c] - np.float64(k[j])) * scale
+            stats[0, c] = mc[j]
+            stats[1, c] = 1.0 / np.sqrt(vc[j] + eps)
+        kk, s, o = _coefficients(
+            stats[0, c0:c1], stats[1, c0:c1], w[c0:c1], b[c0:c1], has_w, has_b, x1
+        )
         for a in range(A):
             for j in range(m):
-                _affine_run(x1, y1, (a * C + c0 + j) * B, B, k[j], s[j], o[j])
+                _affine_run(x1, y1, (a * C + c0 + j) * B, B, kk[j], s[j], o[j])
 
 
 @njit(**_OPTS)
 def _backward_blocks(g1, x1, d1, A, C, B, cb, stats, w, has_w, flags, dw, db, lo, hi):
     """The blocked training backward of channels ``lo .. hi-1``, in blocks of at most ``cb``:
-    each block's sums, its ``dweight``/``dbias`` (flags 2, 4), then its ``dx`` (flag 8), as
-    _train_backward."""
+    each block's sums, its ``dweight``/``dbias`` (flags 2, 4), then its ``dx`` (flag 8); the
+    per-channel math is _dots', _train_backward's and _grad_coefficients'."""
     n = A * B
-    k = np.empty(cb, x1.dtype)
-    ac = np.empty(cb, x1.dtype)
-    bc = np.empty(cb, x1.dtype)
-    cc = np.empty(cb, x1.dtype)
-    s1 = np.empty(cb)
-    s2 = np.empty(cb)
     for i in range((hi - lo + cb - 1) // cb):
         c0, c1 = _block_bounds(lo, hi, cb, i)
         m = c1 - c0
-        for j in range(m):
-            k[j] = stats[0, c0 + j]  # the mean rounded: x - k is exact near the data
-            s1[j] = 0.0
-            s2[j] = 0.0
+        mean = stats[0, c0:c1]
+        invstd = stats[1, c0:c1]
+        k = _rounded(mean, x1)  # near the data, x - k is exact in x's dtype
+        s1 = np.zeros(m)
+        s2 = np.zeros(m)
         for a in range(A):
             for j in range(m):
                 t1, t2 = _run_dot(g1, x1, (a * C + c0 + j) * B, B, k[j])
                 s1[j] += t1
                 s2[j] += t2
-        for j in range(m):  # as _dots, _train_backward and _grad_coefficients
-            c = c0 + j
-            mc = stats[0, c]
-            invstd = stats[1, c]
-            s2[j] -= (mc - np.float64(k[j])) * s1[j]
+        for j in range(m):  # sum(dy * (x - mean)) = sum(dy * (x - k)) - (mean - k) * sum(dy)
+            s2[j] -= (mean[j] - np.float64(k[j])) * s1[j]
             if (flags & 2) != 0:
-                dw[c] = s2[j] * invstd
+                dw[c0 + j] = s2[j] * invstd[j]
             if (flags & 4) != 0:
-                db[c] = s1[j]
-            a_ = (np.float64(w[c]) if has_w else 1.0) * invstd
-            b_ = -a_ * invstd * invstd * s2[j] / n
-            ac[j] = a_
-            bc[j] = b_
-            cc[j] = -a_ * s1[j] / n - b_ * (mc - np.float64(k[j]))
+                db[c0 + j] = s1[j]
         if (flags & 8) != 0:
+            co = _grad_coefficients(mean, invstd, w[c0:c1], has_w, s1, s2, n, x1)
             for a in range(A):
                 for j in range(m):
-                    _grad_run(g1, x1, d1, (a * C + c0 + j) * B, B, k[j], ac[j], bc[j], cc[j])
+                    _grad_run(
+                        g1, x1, d1, (a * C + c0 + j) * B, B, co[0, j], co[1, j], co[2, j], co[3, j]
+                    )
 
 
 # --- the kernels, generic over the data's dtype -------------------------------------------------
