@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from helpers import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
@@ -60,3 +61,19 @@ def test_single_process_helpers_are_trivial(monkeypatch):
     assert bd.global_mean_loss_scale(4, 32) == 1 / 32
     with pytest.raises(ValueError, match="local_size"):
         bd.global_mean_loss_scale(33, 32)
+
+
+def test_process_group_from_env_leaves_alone_a_group_it_did_not_make(monkeypatch, tmp_path):
+    """Without torchrun the block runs single-process; inside a group the caller made, it runs
+    distributed and the group survives it (only a group the helper made is destroyed)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with bd.process_group_from_env() as distributed:
+        assert distributed is False
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        with bd.process_group_from_env() as distributed:
+            assert distributed is True
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

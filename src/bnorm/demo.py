@@ -322,12 +322,8 @@ def _main(args: argparse.Namespace) -> int:
         raise SystemExit("bnorm demo: --seeds and --epochs must be at least 1")
     start = time.perf_counter()
     # Under `torchrun --nproc-per-node N -m bnorm demo`: data-parallel over gloo, rank 0 reports.
-    distributed = bd.init_from_env()
-    try:
+    with bd.process_group_from_env() as distributed:
         result, out = run_demo(args.seeds, args.epochs, args.out, progress=not args.no_progress)
-    finally:
-        if distributed:
-            torch.distributed.destroy_process_group()
     if _launch_rank() != 0:  # only rank 0 reports
         return 0
     print()

@@ -37,9 +37,11 @@ Two parts:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import inspect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,7 @@ __all__ = [
     "is_main_process",
     "merge_statistics",
     "prepare_model",
+    "process_group_from_env",
     "rank",
     "shard",
     "shard_bounds",
@@ -285,6 +288,28 @@ def init_from_env(backend: str = "gloo", timeout: datetime.timedelta | float | N
     kwargs = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(backend=backend, **kwargs)
     return True
+
+
+@contextlib.contextmanager
+def process_group_from_env(
+    backend: str = "gloo", timeout: datetime.timedelta | float | None = None
+) -> Iterator[bool]:
+    """:func:`init_from_env` for the length of a ``with`` block, which gets whether it runs
+    distributed. A group this call made is left on the way out
+    (:func:`torch.distributed.destroy_process_group`), after every rank has reached the end of
+    the block when it ended normally: a gloo group still alive when the interpreter exits can
+    abort the process ("terminate called without an active exception", seen once in CI on a
+    rank that had nothing left to do). A group that existed before is left as it was."""
+    existed = dist.is_available() and dist.is_initialized()
+    distributed = init_from_env(backend, timeout)
+    made = distributed and not existed
+    try:
+        yield distributed
+        if made:
+            dist.barrier()
+    finally:
+        if made:
+            dist.destroy_process_group()
 
 
 def rank() -> int:

@@ -83,8 +83,8 @@ class BufferCacheInfo:
 
 def _refs_of_loop_variable(views: list[np.ndarray]) -> int:
     """The reference count a view seen by ``for v in views`` reports when nothing but the list
-    holds it: measured once, with the loop :meth:`_Cache.take` uses, because the count a loop
-    variable adds is an interpreter detail."""
+    holds it: measured once, with the loop :func:`empty_like` and the cache's methods use,
+    because the count a loop variable adds is an interpreter detail."""
     for v in views:
         return sys.getrefcount(v)
     raise AssertionError("unreachable: called with one view")
@@ -112,7 +112,7 @@ class _Cache:
         """A tensor of x's layout over a new buffer; None beyond the cap."""
         with self._lock:
             self.misses += 1
-            nbytes = x.numel() * x.element_size()
+            nbytes = x.nbytes
             if self._held_bytes + nbytes > self.max_bytes:
                 # Idle buffers of other layouts make room. They are dropped, never viewed
                 # anew: a taker on the lock-free path may hold one, and its tensor then keeps

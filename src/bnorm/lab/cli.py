@@ -15,16 +15,13 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-
     from .. import distributed as bd
     from .runner import run_lab
 
     # Under torchrun: join the process group so the training loops run data-parallel
     # (SyncBatchNorm + DDP) and only rank 0 writes and prints; otherwise nothing happens.
-    distributed = bd.init_from_env()
-    main = bd.is_main_process()
-    try:
+    with bd.process_group_from_env():
+        main = bd.is_main_process()
         records = run_lab(
             args.names,
             quick=args.quick,
@@ -33,14 +30,6 @@ def _run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             threads=args.threads,
         )
-        if distributed:  # every rank done before any leaves (see below)
-            torch.distributed.barrier()
-    finally:
-        # A gloo group still alive when the interpreter exits can abort the process ("terminate
-        # called without an active exception", seen once in CI on a rank that had nothing to
-        # do in a resumed run): leave it explicitly.
-        if distributed:
-            torch.distributed.destroy_process_group()
     if not main:
         return 0
     width = max(len(r["name"]) for r in records)
