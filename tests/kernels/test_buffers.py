@@ -271,3 +271,23 @@ def test_two_threads_never_get_the_same_buffer(monkeypatch):
     for t in threads:
         t.join()
     assert not errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_dimensional_buffers_for_per_channel_results(dtype):
+    """buffers.empty (the saved statistics, the parameters' gradients of very wide inputs):
+    a CPU tensor of n values, reused once released, from torch below MIN_BYTES, and from
+    torch (on the CPU, not the meta device the cache's lookup uses) when the cache is off."""
+    n = buffers.MIN_BYTES  # as many values as MIN_BYTES bytes: above it in either dtype
+    a = buffers.empty(n, dtype)
+    assert a.shape == (n,) and a.dtype is dtype and a.device.type == "cpu"
+    ptr = a.data_ptr()
+    del a
+    before = bnorm.buffer_cache_info()
+    b = buffers.empty(n, dtype)
+    assert b.data_ptr() == ptr and bnorm.buffer_cache_info().hits == before.hits + 1
+    small = buffers.empty(16, dtype)
+    assert small.shape == (16,) and bnorm.buffer_cache_info().misses == before.misses
+    bnorm.set_buffer_cache(0)
+    off = buffers.empty(n, dtype)
+    assert off.device.type == "cpu" and off.shape == (n,) and off.dtype is dtype

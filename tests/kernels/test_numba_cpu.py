@@ -39,6 +39,9 @@ SHAPES = [
     # the blocked training passes (channel_block): 9 and 16 channels split over 2 threads
     ((3, 9, 40), False),
     ((2, 16, 6, 6), False),
+    # wide blocks (short runs, few samples): (N, C), and runs of 5 values
+    ((5, 11), False),
+    ((3, 13, 5), False),
 ]
 
 
@@ -453,6 +456,12 @@ def test_kernels_called_from_two_python_threads_at_once():
 
 BLOCKED = (64, 16, 1200)  # float32: 300 KB per channel, so 3 channels per forward block and 1
 # per backward block (dy and x); each of 2 threads gets 8 channels: forward blocks of 3, 3, 2
+# wide blocks (runs shorter than RUN_MIN, at most WIDE_MAX_SAMPLES samples): runs of 5 values,
+# 819 channels (WIDE_COLS values) per block, so each of 2 threads' 850 channels takes 2 blocks;
+# (N, C) with 2048 channels per forward block and 1024 per backward block (dy and x)
+WIDE_RUNS = (64, 1700, 5)
+WIDE_NC = (128, 4500)
+GEOMETRIES = pytest.mark.parametrize("geometry", [BLOCKED, WIDE_RUNS, WIDE_NC], ids=str)
 
 
 def test_channel_blocks_apply_where_the_data_allows():
@@ -460,27 +469,41 @@ def test_channel_blocks_apply_where_the_data_allows():
     budget = numba_cpu.loops.BLOCK_BYTES
     assert blocks(64, 64, 784, 4, 1, 2) == budget // (64 * 784 * 4)  # the bench's 12 MB case
     assert blocks(64, 16, 1200, 4, 1, 2) == 3 and blocks(64, 16, 1200, 4, 2, 2) == 1
-    assert blocks(64, 64, 31, 4, 1, 2) == 0  # short runs: the column family
+    assert blocks(256, 64, 31, 4, 1, 2) == 0  # short runs, many samples: the column family
+    # short runs in a small batch: wide blocks of at most WIDE_COLS values per sample
+    wide = numba_cpu.loops.WIDE_COLS
+    assert blocks(64, 64, 31, 4, 1, 2) == min(budget // (64 * 31 * 4), wide // 31)
+    assert blocks(8, 8192, 1, 4, 1, 2) == wide and blocks(8, 8192, 1, 4, 2, 2) == wide
+    assert blocks(128, 4500, 1, 4, 1, 2) == 2048 and blocks(128, 4500, 1, 4, 2, 2) == 1024
+    assert blocks(64, 1700, 5, 4, 1, 2) == wide // 5 and blocks(64, 1700, 5, 4, 2, 2) == 409
     assert blocks(64, 7, 784, 4, 1, 2) == 0  # fewer than 4 channels per thread
     assert blocks(128, 64, 3136, 4, 1, 2) == 0  # one channel is more than a block
 
 
+def _first_values(shape: tuple[int, ...]) -> tuple:
+    """The index of the first value of every third channel in the first 16 samples."""
+    return (slice(None, 16), slice(None, None, 3)) + (0,) * (len(shape) - 2)
+
+
+@GEOMETRIES
 @pytest.mark.parametrize("offset", [0.0, 1e4, 1e5])
-def test_blocked_training_pass_with_several_blocks_per_thread(offset, threading_mode):
+def test_blocked_training_pass_with_several_blocks_per_thread(geometry, offset, threading_mode):
     """float32 data far from zero, against the float64 reference: y, dx, dweight, dbias and the
     running statistics. The shift is taken from the first value of the first 16 samples: those
     are 1000 standard deviations off in every third channel, so those blocks sum again around
-    their mean. The gradient follows x (as it does in training), so that the term of dx that
-    corrects for the mean's rounding to float32 counts."""
-    c = BLOCKED[1]
-    x = _x(BLOCKED, False, dtype=torch.float64, offset=offset, seed=13)
-    x[:16, ::3, 0] += 1e3
+    their mean (where the geometry allows it: with one value per sample, 16 of 128 samples
+    cannot put the shift 3 standard deviations away). The gradient follows x (as it does in
+    training), so that the term of dx that corrects for the mean's rounding to float32
+    counts."""
+    c = geometry[1]
+    x = _x(geometry, False, dtype=torch.float64, offset=offset, seed=13)
+    x[_first_values(geometry)] += 1e3
     x = x.float().requires_grad_()
     w = (torch.rand(c) + 0.5).requires_grad_()
     b = torch.randn(c).requires_grad_()
     rm, rv = torch.zeros(c), torch.ones(c)
     y = batch_norm(x, rm, rv, w, b, training=True, momentum=0.5)
-    dy = _x(BLOCKED, False, dtype=torch.float32, seed=14) + (x.detach() - offset) * 0.5
+    dy = _x(geometry, False, dtype=torch.float32, seed=14) + (x.detach() - offset) * 0.5
     y.backward(dy)
     y_ref, cache = ref.forward_train(np64(x), np64(w), np64(b), eps=1e-5)
     dx_ref, dw_ref, db_ref = ref.backward(np64(dy), cache)
@@ -494,12 +517,13 @@ def test_blocked_training_pass_with_several_blocks_per_thread(offset, threading_
     assert_close(rv, rv_ref, atol=0, rtol=1e-5, what="running_var")
 
 
+@GEOMETRIES
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (True, True, False)])
-def test_blocked_backward_computes_what_is_asked(needs, threading_mode):
-    c = BLOCKED[1]
-    x = _x(BLOCKED, False, dtype=torch.float32, offset=3.0, seed=15)
+def test_blocked_backward_computes_what_is_asked(geometry, needs, threading_mode):
+    c = geometry[1]
+    x = _x(geometry, False, dtype=torch.float32, offset=3.0, seed=15)
     w, b = torch.rand(c) + 0.5, torch.randn(c)
-    dy = _x(BLOCKED, False, dtype=torch.float32, seed=16)
+    dy = _x(geometry, False, dtype=torch.float32, seed=16)
     _y, stats, _finite = numba_cpu.train_forward(x, w, b, None, None, None, 0.1, 1e-5)
     dx, dw, db = numba_cpu.train_backward(dy, x, stats, w, b, needs)
     _y_ref, cache = ref.forward_train(np64(x), np64(w), np64(b), eps=1e-5)
@@ -513,12 +537,13 @@ def test_blocked_backward_computes_what_is_asked(needs, threading_mode):
             assert got is None, what
 
 
-def test_blocked_forward_with_a_nonfinite_channel(threading_mode):
+@GEOMETRIES
+def test_blocked_forward_with_a_nonfinite_channel(geometry, threading_mode):
     """One channel holds a NaN: the batch is not finite (nothing is updated), and the other
     channels' outputs are right."""
-    c = BLOCKED[1]
-    x = _x(BLOCKED, False, dtype=torch.float32, seed=17)
-    x[5, 11, 7] = float("nan")
+    c = geometry[1]
+    x = _x(geometry, False, dtype=torch.float32, seed=17)
+    x[(5, 11) + (geometry[-1] // 2,) * (len(geometry) - 2)] = float("nan")
     rm, rv = torch.zeros(c), torch.ones(c)
     nbt = torch.zeros((), dtype=torch.int64)
     y, _stats, finite = numba_cpu.train_forward(x, None, None, rm, rv, nbt, 0.1, 1e-5)
@@ -527,3 +552,25 @@ def test_blocked_forward_with_a_nonfinite_channel(threading_mode):
     assert bool(torch.isnan(y[:, 11]).all())
     others = [i for i in range(c) if i != 11]
     assert np.abs(np64(y[:, others]) - exact_normalize(x[:, others])).max() <= 1e-5
+
+
+@pytest.mark.parametrize("geometry", [WIDE_RUNS, WIDE_NC], ids=str)
+def test_four_steps_on_wide_data_match_the_fused_passes(geometry, threading_mode):
+    """The four separate steps (SyncBatchNorm's, Batch Renorm's) take wide data's sums by the
+    same blocks as the fused passes: the same statistics and backward sums, bit for bit, and
+    the reference's."""
+    c = geometry[1]
+    x = _x(geometry, False, dtype=torch.float32, offset=50.0, seed=21)
+    dy = _x(geometry, False, dtype=torch.float32, seed=22)
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    _y, stats, _finite = numba_cpu.train_forward(x, w, b, None, None, None, 0.1, 1e-5)
+    mean, var = numba_cpu.statistics(x)
+    invstd = stats[c:]  # stats: the mean, then 1 / sqrt(var + eps)
+    assert torch.equal(mean, stats[:c])
+    # the compiled 1 / sqrt may differ from torch's in the last bit
+    assert_close(invstd, 1.0 / torch.sqrt(var + 1e-5), atol=0, rtol=4e-16, what="invstd")
+    _dx, dw, db = numba_cpu.train_backward(dy, x, stats, w, b, (False, True, True))
+    sum_dy, sum_dy_xmu = numba_cpu.backward_reduce(dy, x, mean)
+    assert torch.equal(db, sum_dy.float()) and torch.equal(dw, (sum_dy_xmu * invstd).float())
+    ref_mean = np64(x).mean(axis=tuple(i for i in range(x.dim()) if i != 1))
+    assert np.abs(mean.numpy() - ref_mean).max() <= 1e-9 * 50

@@ -25,7 +25,11 @@ dtype, while statistics, sums and the arguments of the four-step kernels are flo
 
 *Channel blocks*: the training forward and backward of runs-family data with a few channels
 per thread fuse their two passes per block of channels that fits in a core's cache (see
-:func:`channel_block`), so the second read of x (and dy) comes from cache, not memory.
+:func:`channel_block`), so the second read of x (and dy) comes from cache, not memory. Short
+runs in a small batch (at most ``WIDE_MAX_SAMPLES`` samples: many channels, few values each)
+take *wide* blocks, in evaluation too: the rows of the column family would be few and their
+per-column arrays as large as the data, while a block's segment of each sample is contiguous
+and its per-channel work stays in cache.
 
 **Statistics** are sums of ``x - k``, ``k`` a per-channel shift close to the data (the mean of
 the channel's first values). Blocks of a few thousand values are summed in the data's dtype
@@ -52,9 +56,12 @@ from numba import carray, cfunc, literal_unroll, njit, prange, types
 from numba.extending import intrinsic
 
 # Reassociation lets LLVM vectorize the reductions; NaN/Inf must still propagate (the running
-# statistics' non-finite guard relies on it), so the no-NaN/no-Inf flags stay off.
+# statistics' non-finite guard relies on it), so the no-NaN/no-Inf flags stay off. NumPy's
+# error model: a float division by zero gives Inf/NaN instead of Python's ZeroDivisionError,
+# whose check kept every loop with a division scalar (measured: 1/sqrt(var + eps) over 131072
+# channels 508 -> 254 us); no division here has a zero divisor.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
-_OPTS = {"cache": True, "nogil": True, "fastmath": _FASTMATH}
+_OPTS = {"cache": True, "nogil": True, "fastmath": _FASTMATH, "error_model": "numpy"}
 # Parallel loops are inlined into each entry point (``inline="always"``) so that no cached
 # function calls another parallel one: numba can crash when a cached caller loads a parallel
 # callee from its cache (numba issues #4807, #8578).
@@ -116,7 +123,8 @@ _u8 = _pointer(types.uint8)
 #
 # Every parallel entry point takes ``pomp``: 0 for numba's pool, or the address of an int64
 # table [GOMP_parallel, omp_get_thread_num, omp_get_num_threads, sums share, dots share,
-# affine share, grad share, blocked forward share, blocked backward share] for the data's dtype
+# affine share, grad share, blocked forward share, blocked backward share, blocked evaluation
+# share] for the data's dtype
 # (see :func:`shares`). A share reads its arguments from an int64 block of addresses and sizes;
 # the arrays behind those addresses are kept alive past the parallel region (``_alive``), since
 # numba frees an array after its last use in the code.
@@ -161,8 +169,8 @@ def _omp_int(typingctx, address):
 
 @njit(**_OPTS)
 def _table(pomp):
-    """The table at ``pomp`` (nine int64), or an empty one for numba's pool (``pomp == 0``)."""
-    return carray(_i64(pomp), 9 if pomp != 0 else 0)
+    """The table at ``pomp`` (ten int64), or an empty one for numba's pool (``pomp == 0``)."""
+    return carray(_i64(pomp), 10 if pomp != 0 else 0)
 
 
 @njit(**_OPTS)
@@ -192,10 +200,12 @@ def _block(values):
 _SUMS_BLOCK = 18  # tid, g, x, A, C, B, W, rows, k, kcol, nthreads, p1, p2, P, o1, o2, len(o1), n
 _AFFINE_BLOCK = 16  # tid, x, y, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads, n
 _GRAD_BLOCK = 13  # tid, g, x, d, A, C, B, W, rows, co, cols, nthreads, n
-# tid, x, y, A, C, B, cb, w, b, flags, eps, mean, var, stats, fin, nthreads, n
-_FORWARD_BLOCKS_BLOCK = 17
+# tid, x, y, A, C, B, cb, w, b, flags, eps, stats, fin, nthreads, n
+_FORWARD_BLOCKS_BLOCK = 15
 # tid, g, x, d, A, C, B, cb, stats, w, flags, dw, db, nthreads, n
 _BACKWARD_BLOCKS_BLOCK = 15
+# tid, x, y, A, C, B, cb, rm, rv, w, b, flags, eps, nthreads, n
+_EVAL_BLOCKS_BLOCK = 15
 
 
 @njit(**_OPTS)
@@ -222,7 +232,7 @@ def _sums_from(data, zero, dots):
     g1 = carray(_typed(blk[1], zero), n)
     x1 = carray(_typed(blk[2], zero), n)
     k = carray(_typed(blk[8], zero), C)
-    kcol = carray(_typed(blk[9], zero), W)
+    kcol = carray(_typed(blk[9], zero), max(W, 0))  # (W < 0: wide blocks, no columns)
     p1 = carray(_f64(blk[11]), (nt, P))
     p2 = carray(_f64(blk[12]), (nt, P))
     o1 = carray(_f64(blk[14]), no)
@@ -274,23 +284,21 @@ def _grad_from(data, zero):
 @njit(**_OPTS)
 def _forward_blocks_from(data, zero):
     blk = carray(_i64(data), _FORWARD_BLOCKS_BLOCK)
-    A, C, B, cb, flags, nt = blk[3], blk[4], blk[5], blk[6], blk[9], blk[15]
+    A, C, B, cb, flags, nt = blk[3], blk[4], blk[5], blk[6], blk[9], blk[13]
     n = A * C * B
     x1 = carray(_typed(blk[1], zero), n)
     y1 = carray(_typed(blk[2], zero), n)
     w = carray(_typed(blk[7], zero), C)
     b = carray(_typed(blk[8], zero), C)
     eps = carray(_f64(blk[10]), 1)[0]
-    mean = carray(_f64(blk[11]), C)
-    var = carray(_f64(blk[12]), C)
-    stats = carray(_f64(blk[13]), (2, C))
-    fin = carray(_u8(blk[14]), C)
+    stats = carray(_f64(blk[11]), (2, C))
+    fin = carray(_u8(blk[12]), nt)
     has_w = (flags & 1) != 0
     has_b = (flags & 2) != 0
-    t, team = _omp_int(blk[0]), _omp_int(blk[16])
+    t, team = _omp_int(blk[0]), _omp_int(blk[14])
     while t < nt:
         lo, hi = _chunk(C, t, nt)  # threads split the channels
-        _forward_blocks(x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, mean, var, stats, fin, lo, hi)
+        fin[t] = _forward_blocks(x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, stats, lo, hi)
         t += team
 
 
@@ -310,6 +318,27 @@ def _backward_blocks_from(data, zero):
     while t < nt:
         lo, hi = _chunk(C, t, nt)
         _backward_blocks(g1, x1, d1, A, C, B, cb, stats, w, (flags & 1) != 0, flags, dw, db, lo, hi)
+        t += team
+
+
+@njit(**_OPTS)
+def _eval_blocks_from(data, zero):
+    blk = carray(_i64(data), _EVAL_BLOCKS_BLOCK)
+    A, C, B, cb, flags, nt = blk[3], blk[4], blk[5], blk[6], blk[11], blk[13]
+    n = A * C * B
+    x1 = carray(_typed(blk[1], zero), n)
+    y1 = carray(_typed(blk[2], zero), n)
+    rm = carray(_typed(blk[7], zero), C)
+    rv = carray(_typed(blk[8], zero), C)
+    w = carray(_typed(blk[9], zero), C)
+    b = carray(_typed(blk[10], zero), C)
+    eps = carray(_f64(blk[12]), 1)[0]
+    t, team = _omp_int(blk[0]), _omp_int(blk[14])
+    while t < nt:
+        lo, hi = _chunk(C, t, nt)  # threads split the channels
+        _eval_blocks(
+            x1, y1, A, C, B, cb, rm, rv, w, b, (flags & 1) != 0, (flags & 2) != 0, eps, lo, hi
+        )
         t += team
 
 
@@ -361,23 +390,31 @@ def _backward_blocks_share_f64(data):
     _backward_blocks_from(data, np.float64(0))
 
 
+def _eval_blocks_share_f32(data):
+    _eval_blocks_from(data, np.float32(0))
+
+
+def _eval_blocks_share_f64(data):
+    _eval_blocks_from(data, np.float64(0))
+
+
 _SHARES = {
     True: (
         _sums_share_f32, _dots_share_f32, _affine_share_f32, _grad_share_f32,
-        _forward_blocks_share_f32, _backward_blocks_share_f32,
+        _forward_blocks_share_f32, _backward_blocks_share_f32, _eval_blocks_share_f32,
     ),
     False: (
         _sums_share_f64, _dots_share_f64, _affine_share_f64, _grad_share_f64,
-        _forward_blocks_share_f64, _backward_blocks_share_f64,
+        _forward_blocks_share_f64, _backward_blocks_share_f64, _eval_blocks_share_f64,
     ),
 }  # fmt: skip
 
 
 def shares(f32: bool) -> list[int]:
-    """The addresses of the six shares (sums, dots, affine, grad, blocked forward, blocked
-    backward) for float32 (``f32``) or float64 data, compiled as C callbacks, or loaded from
-    numba's cache, at the first call (a ``cfunc`` compiles when it is made: making them at
-    import would slow every import)."""
+    """The addresses of the seven shares (sums, dots, affine, grad, blocked forward, blocked
+    backward, blocked evaluation) for float32 (``f32``) or float64 data, compiled as C
+    callbacks, or loaded from numba's cache, at the first call (a ``cfunc`` compiles when it is
+    made: making them at import would slow every import)."""
     signature = types.void(types.intp)
     return [cfunc(signature, cache=True, fastmath=_FASTMATH)(f).address for f in _SHARES[f32]]
 
@@ -476,13 +513,21 @@ PILOT = 16
 def _shift(x1, A, C, B, c0, c1):
     """The shift ``k`` of the statistics of channels ``c0 .. c1-1``, in the data's dtype: the
     mean of the channel's first value in each of the first ``PILOT`` samples."""
-    k = np.empty(c1 - c0, x1.dtype)
+    m = c1 - c0
+    acc = np.zeros(m)
     p = min(A, PILOT)
-    for c in range(c0, c1):
-        acc = 0.0
-        for a in range(p):
-            acc += np.float64(x1[(a * C + c) * B])
-        k[c - c0] = acc / p
+    for a in range(p):  # samples outside: the loop over channels vectorizes (5x on B == 1)
+        base = (a * C + c0) * B
+        if B == 1:
+            xr = x1[base : base + m]
+            for j in range(m):
+                acc[j] += np.float64(xr[j])
+        else:
+            for j in range(m):
+                acc[j] += np.float64(x1[base + j * B])
+    k = np.empty(m, x1.dtype)
+    for j in range(m):
+        k[j] = acc[j] / p
     return k
 
 
@@ -550,6 +595,9 @@ def _sums_part(x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2):
     if W > 0:
         lo, hi = _chunk(rows, t, nthreads)
         _col_sums(x1[: rows * W].reshape(rows, W), kcol, lo, hi, p1[t], p2[t])
+    elif W < 0:  # wide blocks of -W channels
+        lo, hi = _chunk(C, t, nthreads)
+        _wide_range(x1, x1, A, C, B, k, -W, lo, hi, o1, o2, False)
     else:
         lo, hi = _chunk(A * C, t, nthreads)
         _run_sums(x1, C, B, k, lo, hi, o1, o2)
@@ -557,7 +605,10 @@ def _sums_part(x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2):
 
 @njit(**_OPTS)
 def _fold(x1, g1, A, C, B, W, rows, k, p1, p2, o1, o2, dots):
-    """Per-channel float64 sums from the threads' column sums (and the tail) or the runs'."""
+    """Per-channel float64 sums from the threads' column sums (and the tail) or the runs' (the
+    wide blocks' are per channel already)."""
+    if W < 0:
+        return o1, o2
     s1 = np.zeros(C)
     s2 = np.zeros(C)
     if W > 0:
@@ -597,12 +648,12 @@ def _fold(x1, g1, A, C, B, W, rows, k, p1, p2, o1, o2, dots):
 @njit(**_INLINE)
 def _sums(x1, A, C, B, k, nthreads, omp):
     """Per-channel float64 ``(sum(x - k), sum((x - k)^2))``; ``k`` is (C,) in x's dtype."""
-    W, rows = plan(A, C, B)
-    kcol = _expand(k, W, C, B)
-    p1 = _zeros((nthreads, _padded(W)))
-    p2 = _zeros((nthreads, _padded(W)))
-    o1 = _zeros(A * C if W == 0 else 0)
-    o2 = _zeros(A * C if W == 0 else 0)
+    W, rows = _reduction_plan(A, C, B, x1.itemsize, 1, nthreads)
+    kcol = _expand(k, max(W, 0), C, B)
+    p1 = _zeros((nthreads, _padded(max(W, 0))))
+    p2 = _zeros((nthreads, _padded(max(W, 0))))
+    o1 = _zeros(A * C if W == 0 else (C if W < 0 else 0))
+    o2 = _zeros(A * C if W == 0 else (C if W < 0 else 0))
     if nthreads == 1:
         _sums_part(x1, A, C, B, W, rows, k, kcol, nthreads - 1, nthreads, p1, p2, o1, o2)
     elif omp.size:
@@ -618,11 +669,12 @@ def _sums(x1, A, C, B, k, nthreads, omp):
 @njit(**_OPTS)
 def _far(mean, var, k):
     """Whether some channel's shift was more than 3 standard deviations from its mean."""
-    for c in range(mean.shape[0]):
+    far = 0
+    for c in range(mean.shape[0]):  # a count, not an early return: the loop vectorizes
         d = mean[c] - np.float64(k[c])
         if d * d > 9.0 * var[c]:
-            return True
-    return False
+            far += 1
+    return far > 0
 
 
 @njit(**_INLINE)
@@ -714,6 +766,9 @@ def _dots_part(g1, x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2):
         lo, hi = _chunk(rows, t, nthreads)
         n = rows * W
         _col_dots(g1[:n].reshape(rows, W), x1[:n].reshape(rows, W), kcol, lo, hi, p1[t], p2[t])
+    elif W < 0:  # wide blocks of -W channels
+        lo, hi = _chunk(C, t, nthreads)
+        _wide_range(g1, x1, A, C, B, k, -W, lo, hi, o1, o2, True)
     else:
         lo, hi = _chunk(A * C, t, nthreads)
         _run_dots(g1, x1, C, B, k, lo, hi, o1, o2)
@@ -722,13 +777,13 @@ def _dots_part(g1, x1, A, C, B, W, rows, k, kcol, t, nthreads, p1, p2, o1, o2):
 @njit(**_INLINE)
 def _dots(g1, x1, A, C, B, mean, nthreads, omp):
     """Per-channel float64 ``(sum(dy), sum(dy * (x - mean)))`` for a float64 ``mean``."""
-    W, rows = plan(A, C, B)
+    W, rows = _reduction_plan(A, C, B, x1.itemsize, 2, nthreads)
     k = _rounded(mean, x1)  # near the data, x - k is exact in x's dtype
-    kcol = _expand(k, W, C, B)
-    p1 = _zeros((nthreads, _padded(W)))
-    p2 = _zeros((nthreads, _padded(W)))
-    o1 = _zeros(A * C if W == 0 else 0)
-    o2 = _zeros(A * C if W == 0 else 0)
+    kcol = _expand(k, max(W, 0), C, B)
+    p1 = _zeros((nthreads, _padded(max(W, 0))))
+    p2 = _zeros((nthreads, _padded(max(W, 0))))
+    o1 = _zeros(A * C if W == 0 else (C if W < 0 else 0))
+    o2 = _zeros(A * C if W == 0 else (C if W < 0 else 0))
     if nthreads == 1:
         _dots_part(g1, x1, A, C, B, W, rows, k, kcol, nthreads - 1, nthreads, p1, p2, o1, o2)
     elif omp.size:
@@ -906,14 +961,13 @@ def _mean_var(s1, s2, k, n):
     C = s1.shape[0]
     mean = np.empty(C)
     var = np.empty(C)
-    finite = True
+    bad = 0.0  # NaN iff some value is NaN or infinite (x * 0 is then NaN): a vectorized check
     for c in range(C):
         d = s1[c] / n
         mean[c] = np.float64(k[c]) + d
         var[c] = max(s2[c] / n - d * d, 0.0)
-        if not (np.isfinite(mean[c]) and np.isfinite(var[c])):
-            finite = False
-    return mean, var, finite
+        bad += mean[c] * 0.0 + var[c] * 0.0
+    return mean, var, bad == 0.0
 
 
 @njit(**_OPTS)
@@ -962,6 +1016,16 @@ def _grad_coefficients(mean, invstd, w, has_w, sum_dy, sum_dy_xmu, n, like):
 # is decided per block instead of for the whole tensor. They run serially or on torch's pool;
 # on numba's pool (the fallback) the two-pass loops run instead: a prange loop of its own in
 # each entry point cost 9 s more of compilation at the first call, measured.
+#
+# Wide blocks: runs shorter than RUN_MIN in a batch of at most WIDE_MAX_SAMPLES samples (say
+# (8, 32768) or (2, 8192, 4, 4)). There the per-channel work is the cost, and the column family
+# made arrays of C (and of W = C * B) values per call, as large as the data, whose fresh pages
+# fault at every step, and split its few rows between threads. A wide block instead takes the
+# channels c0 .. c1-1 of every sample, a contiguous segment of (c1 - c0) * B values each, sums
+# it per value over the samples in float64 (two samples at a time), adds the B values of each
+# channel, and writes its outputs with coefficients expanded over the segment: per-value scratch
+# of at most WIDE_COLS values, made once per thread. With one value per channel (B == 1) the
+# segment's values are the channels and nothing is expanded.
 
 #: bytes a channel block may hold in the arrays it reads twice (x; dy and x in backward): half
 #: the 2 MB per-core L2 of the machines measured, leaving room for the output. (Measured on
@@ -971,18 +1035,35 @@ BLOCK_BYTES = 1 << 20
 #: the blocked passes split channels between threads, so they need a few channels per thread
 #: for balance (the two-pass loops split the values)
 BLOCK_MIN_CHANNELS = 4
+#: *wide* blocks (runs shorter than RUN_MIN) cover at most this many values of a sample: their
+#: per-value scratch (float64 sums, expanded coefficients: 40 bytes a value) stays in L2
+WIDE_COLS = 4096
+#: short runs take wide blocks only in batches of at most this many samples (rows); taller
+#: data goes to the column family, whose per-column sums cost little once spread over many
+#: rows, while a wide block's segments of one sample get short. (Measured, float32 training
+#: step on 2 threads, B = 1, 4 and 16: at 1 MB wide blocks were 2.3-3.4x faster with 8
+#: samples, 1.2-1.7x with 32 and 64, even with 128, and 1.2-2x slower from 256; at 8 MB
+#: 1.2-3x faster up to 128 samples and 1.1-2.5x slower from 512.)
+WIDE_MAX_SAMPLES = 128
 
 
 @njit(**_OPTS)
 def channel_block(A, C, B, itemsize, arrays, nthreads):
     """The most channels per block of the blocked passes over ``arrays`` arrays of
-    ``itemsize``-byte values, or 0 where they do not apply: spatial runs shorter than
-    ``RUN_MIN`` (the column family), fewer than ``BLOCK_MIN_CHANNELS`` channels per thread, or
-    one channel alone larger than ``BLOCK_BYTES``."""
+    ``itemsize``-byte values, or 0 where they do not apply: fewer than ``BLOCK_MIN_CHANNELS``
+    channels per thread, one channel alone larger than ``BLOCK_BYTES``, or spatial runs
+    shorter than ``RUN_MIN`` in a batch of more than ``WIDE_MAX_SAMPLES`` samples (the column
+    family). Short runs in smaller batches take *wide* blocks of at most ``WIDE_COLS`` values
+    per sample."""
     per_channel = A * B * itemsize * arrays
-    if B < RUN_MIN or C < BLOCK_MIN_CHANNELS * nthreads or per_channel > BLOCK_BYTES:
+    if C < BLOCK_MIN_CHANNELS * nthreads or per_channel > BLOCK_BYTES:
         return 0
-    return BLOCK_BYTES // per_channel
+    cb = BLOCK_BYTES // per_channel
+    if B < RUN_MIN:
+        if A > WIDE_MAX_SAMPLES:
+            return 0
+        cb = min(cb, max(1, WIDE_COLS // B))
+    return cb
 
 
 @njit(**_OPTS)
@@ -994,11 +1075,206 @@ def _block_bounds(lo, hi, cb, i):
 
 
 @njit(**_OPTS)
-def _forward_blocks(x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, mean, var, stats, fin, lo, hi):
+def _expanded(v, B, out):
+    """Per-channel values ``v``, one per value of a wide block's segment: ``v`` itself when
+    ``B == 1``, else ``out`` (scratch) filled with ``out[j * B + i] = v[j]``."""
+    if B == 1:
+        return v
+    for j in range(v.shape[0]):
+        vj = v[j]
+        o = out[j * B : (j + 1) * B]  # a slice per channel: its stores vectorize (2.7x on B = 16)
+        for i in range(B):
+            o[i] = vj
+    return out
+
+
+@njit(**_OPTS)
+def _wide_rows(g1, x1, kcol, p1, p2, b0, b1, dots):
+    """Adds two samples' segments (at ``b0`` and ``b1``; ``b1 < 0``: one sample) to the
+    per-value float64 sums ``p1``, ``p2`` (see :func:`_wide_sums`). Two at a time: the sums
+    are read and written once per pair of samples."""
+    cols = kcol.shape[0]
+    xa = x1[b0 : b0 + cols]  # slices: indices from 0 let LLVM vectorize
+    if b1 < 0:
+        if dots:
+            ga = g1[b0 : b0 + cols]
+            for u in range(cols):
+                g = np.float64(ga[u])
+                p1[u] += g
+                p2[u] += g * np.float64(xa[u] - kcol[u])
+        else:
+            for u in range(cols):
+                d = np.float64(xa[u] - kcol[u])
+                p1[u] += d
+                p2[u] += d * d
+        return
+    xb = x1[b1 : b1 + cols]
+    if dots:
+        ga = g1[b0 : b0 + cols]
+        gb = g1[b1 : b1 + cols]
+        for u in range(cols):
+            g = np.float64(ga[u])
+            h = np.float64(gb[u])
+            p1[u] += g + h
+            p2[u] += g * np.float64(xa[u] - kcol[u]) + h * np.float64(xb[u] - kcol[u])
+    else:
+        for u in range(cols):
+            d = np.float64(xa[u] - kcol[u])
+            e = np.float64(xb[u] - kcol[u])
+            p1[u] += d + e
+            p2[u] += d * d + e * e
+
+
+@njit(**_OPTS)
+def _wide_sums(g1, x1, A, C, B, c0, c1, kcol, p1, p2, dots):
+    """Per-channel float64 sums of a wide block (channels ``c0 .. c1-1``, runs shorter than
+    RUN_MIN): ``sum(x - k)`` and ``sum((x - k)^2)``, or with ``dots`` ``sum(dy)`` and
+    ``sum(dy * (x - k))``. Each sample's segment of the block is contiguous; the sums are
+    taken per value of the segment over the samples in float64 (``p1``, ``p2``: scratch of at
+    least a segment), then added per channel. ``x - k`` is taken in x's dtype, as the column
+    family does, ``k`` expanded in ``kcol`` (a segment's length)."""
+    m = c1 - c0
+    cols = m * B
+    kc = kcol[:cols]
+    q1 = p1[:cols]
+    q2 = p2[:cols]
+    for u in range(cols):
+        q1[u] = 0.0
+        q2[u] = 0.0
+    a = 0
+    while a < A:
+        b0 = (a * C + c0) * B
+        b1 = ((a + 1) * C + c0) * B if a + 1 < A else -1
+        _wide_rows(g1, x1, kc, q1, q2, b0, b1, dots)
+        a += 2
+    s1 = np.empty(m)
+    s2 = np.empty(m)
+    if B == 1:
+        for j in range(m):
+            s1[j] = q1[j]
+            s2[j] = q2[j]
+        return s1, s2
+    for j in range(m):
+        r1 = q1[j * B : (j + 1) * B]
+        r2 = q2[j * B : (j + 1) * B]
+        t1 = 0.0
+        t2 = 0.0
+        for i in range(B):
+            t1 += r1[i]
+            t2 += r2[i]
+        s1[j] = t1
+        s2[j] = t2
+    return s1, s2
+
+
+@njit(**_OPTS)
+def _wide_affine(x1, y1, A, C, B, c0, c1, kcol, scol, ocol):
+    """``y = (x - k) * s + o`` over a wide block, the coefficients expanded per value."""
+    cols = (c1 - c0) * B
+    for a in range(A):
+        base = (a * C + c0) * B
+        xr = x1[base : base + cols]
+        yr = y1[base : base + cols]
+        for u in range(cols):
+            yr[u] = (xr[u] - kcol[u]) * scol[u] + ocol[u]
+
+
+@njit(**_OPTS)
+def _wide_grad(g1, x1, d1, A, C, B, c0, c1, kcol, acol, bcol, ccol):
+    """``dx = a * dy + b * (x - k) + c`` over a wide block, the coefficients expanded."""
+    cols = (c1 - c0) * B
+    for a in range(A):
+        base = (a * C + c0) * B
+        gr = g1[base : base + cols]
+        xr = x1[base : base + cols]
+        dr = d1[base : base + cols]
+        for u in range(cols):
+            dr[u] = acol[u] * gr[u] + bcol[u] * (xr[u] - kcol[u]) + ccol[u]
+
+
+@njit(**_OPTS)
+def _block_sums(g1, x1, A, C, B, c0, c1, k, kcol, p1, p2, dots):
+    """A block's per-channel float64 sums (see :func:`_wide_sums` for ``dots``): run by run
+    (_run_sum, _run_dot) in memory order, each channel's added over the samples, or for short
+    runs by :func:`_wide_sums`."""
+    m = c1 - c0
+    if B < RUN_MIN:
+        return _wide_sums(g1, x1, A, C, B, c0, c1, _expanded(k, B, kcol), p1, p2, dots)
+    s1 = np.zeros(m)
+    s2 = np.zeros(m)
+    for a in range(A):
+        for j in range(m):
+            if dots:
+                t1, t2 = _run_dot(g1, x1, (a * C + c0 + j) * B, B, k[j])
+            else:
+                t1, t2 = _run_sum(x1, (a * C + c0 + j) * B, B, k[j])
+            s1[j] += t1
+            s2[j] += t2
+    return s1, s2
+
+
+@njit(**_OPTS)
+def _block_affine(x1, y1, A, C, B, c0, c1, k, s, o, kcol, scol, ocol):
+    """``y = (x - k) * s + o`` over the channels ``c0 .. c1-1`` of a block."""
+    if B < RUN_MIN:
+        _wide_affine(
+            x1, y1, A, C, B, c0, c1,
+            _expanded(k, B, kcol), _expanded(s, B, scol), _expanded(o, B, ocol),
+        )  # fmt: skip
+        return
+    for a in range(A):
+        for j in range(c1 - c0):
+            _affine_run(x1, y1, (a * C + c0 + j) * B, B, k[j], s[j], o[j])
+
+
+@njit(**_OPTS)
+def _wide_range(g1, x1, A, C, B, k, cb, lo, hi, o1, o2, dots):
+    """The reductions of :func:`_sums` and :func:`_dots` (``dots``) over channels ``lo .. hi-1``
+    by wide blocks of at most ``cb`` channels: per-channel sums into ``o1``, ``o2``, taken as
+    the fused passes take them (:func:`_block_sums`), so both give the same statistics."""
+    kcol, _, _, p1, p2 = _scratch(cb, B, x1)
+    for i in range((hi - lo + cb - 1) // cb):
+        c0, c1 = _block_bounds(lo, hi, cb, i)
+        s1, s2 = _block_sums(g1, x1, A, C, B, c0, c1, k[c0:c1], kcol, p1, p2, dots)
+        for j in range(c1 - c0):
+            o1[c0 + j] = s1[j]
+            o2[c0 + j] = s2[j]
+
+
+@njit(**_OPTS)
+def _reduction_plan(A, C, B, itemsize, arrays, nthreads):
+    """``(W, rows)`` of the reductions over ``arrays`` arrays: :func:`plan`'s, or ``(-cb, 0)``
+    where the fused passes take wide blocks of ``cb`` channels (the reductions then do too:
+    threads split the channels)."""
+    cb = channel_block(A, C, B, itemsize, arrays, nthreads)
+    if cb > 0 and B < RUN_MIN:
+        return -cb, 0
+    return plan(A, C, B)
+
+
+@njit(**_OPTS)
+def _scratch(cb, B, like):
+    """A wide block's per-value scratch (none for runs; no expansions for ``B == 1``): expanded
+    k, s, o in x's dtype and the float64 sums, allocated once per call and reused by every
+    block."""
+    n = cb * B if B < RUN_MIN else 0
+    return (
+        np.empty(n, like.dtype), np.empty(n, like.dtype), np.empty(n, like.dtype),
+        np.empty(n), np.empty(n),
+    )  # fmt: skip
+
+
+@njit(**_OPTS)
+def _forward_blocks(x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, stats, lo, hi):
     """The blocked training forward of channels ``lo .. hi-1``, in blocks of at most ``cb``:
-    each block's statistics (into ``mean``, ``var``, ``stats`` and ``fin``, the per-channel
-    finite flags), then its ``y``; the per-channel math is _batch_stats' and _coefficients'."""
+    each block's statistics, then its ``y``; the per-channel math is _batch_stats' and
+    _coefficients'. Returns whether every channel's statistics are finite. ``stats`` receives
+    the mean and the *variance* (the caller updates the running statistics from them, then
+    turns the variance into ``1 / sqrt(var + eps)`` by the formula used here): no array of
+    ``C`` values is made, as on a very wide input it would be as large as the data."""
     n = A * B
+    kcol, scol, ocol, p1, p2 = _scratch(cb, B, x1)
+    all_finite = True
     for i in range((hi - lo + cb - 1) // cb):
         c0, c1 = _block_bounds(lo, hi, cb, i)
         m = c1 - c0
@@ -1007,30 +1283,20 @@ def _forward_blocks(x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, mean, var, sta
         vc = np.empty(m)
         finite = True
         for attempt in range(2):
-            s1 = np.zeros(m)
-            s2 = np.zeros(m)
-            for a in range(A):  # runs in memory order, each channel's added over a
-                for j in range(m):
-                    t1, t2 = _run_sum(x1, (a * C + c0 + j) * B, B, k[j])
-                    s1[j] += t1
-                    s2[j] += t2
+            s1, s2 = _block_sums(x1, x1, A, C, B, c0, c1, k, kcol, p1, p2, False)
             mc, vc, finite = _mean_var(s1, s2, k, n)
             if attempt == 1 or not finite or not _far(mc, vc, k):
                 break
             k = _rounded(mc, x1)  # sum again around the mean (the block is still in cache)
+        all_finite = all_finite and finite
+        invstd = np.empty(m)
         for j in range(m):
-            c = c0 + j
-            mean[c] = mc[j]
-            var[c] = vc[j]
-            fin[c] = finite
-            stats[0, c] = mc[j]
-            stats[1, c] = 1.0 / np.sqrt(vc[j] + eps)
-        kk, s, o = _coefficients(
-            stats[0, c0:c1], stats[1, c0:c1], w[c0:c1], b[c0:c1], has_w, has_b, x1
-        )
-        for a in range(A):
-            for j in range(m):
-                _affine_run(x1, y1, (a * C + c0 + j) * B, B, kk[j], s[j], o[j])
+            stats[0, c0 + j] = mc[j]
+            stats[1, c0 + j] = vc[j]
+            invstd[j] = 1.0 / np.sqrt(vc[j] + eps)
+        kk, s, o = _coefficients(mc, invstd, w[c0:c1], b[c0:c1], has_w, has_b, x1)
+        _block_affine(x1, y1, A, C, B, c0, c1, kk, s, o, kcol, scol, ocol)
+    return all_finite
 
 
 @njit(**_OPTS)
@@ -1039,19 +1305,15 @@ def _backward_blocks(g1, x1, d1, A, C, B, cb, stats, w, has_w, flags, dw, db, lo
     each block's sums, its ``dweight``/``dbias`` (flags 2, 4), then its ``dx`` (flag 8); the
     per-channel math is _dots', _train_backward's and _grad_coefficients'."""
     n = A * B
+    kcol, acol, bcol, p1, p2 = _scratch(cb, B, x1)
+    ccol = np.empty(kcol.shape[0], x1.dtype)
     for i in range((hi - lo + cb - 1) // cb):
         c0, c1 = _block_bounds(lo, hi, cb, i)
         m = c1 - c0
         mean = stats[0, c0:c1]
         invstd = stats[1, c0:c1]
         k = _rounded(mean, x1)  # near the data, x - k is exact in x's dtype
-        s1 = np.zeros(m)
-        s2 = np.zeros(m)
-        for a in range(A):
-            for j in range(m):
-                t1, t2 = _run_dot(g1, x1, (a * C + c0 + j) * B, B, k[j])
-                s1[j] += t1
-                s2[j] += t2
+        s1, s2 = _block_sums(g1, x1, A, C, B, c0, c1, k, kcol, p1, p2, True)
         for j in range(m):  # sum(dy * (x - mean)) = sum(dy * (x - k)) - (mean - k) * sum(dy)
             s2[j] -= (mean[j] - np.float64(k[j])) * s1[j]
             if (flags & 2) != 0:
@@ -1060,11 +1322,36 @@ def _backward_blocks(g1, x1, d1, A, C, B, cb, stats, w, has_w, flags, dw, db, lo
                 db[c0 + j] = s1[j]
         if (flags & 8) != 0:
             co = _grad_coefficients(mean, invstd, w[c0:c1], has_w, s1, s2, n, x1)
-            for a in range(A):
-                for j in range(m):
-                    _grad_run(
-                        g1, x1, d1, (a * C + c0 + j) * B, B, co[0, j], co[1, j], co[2, j], co[3, j]
-                    )
+            if B < RUN_MIN:
+                _wide_grad(
+                    g1, x1, d1, A, C, B, c0, c1, _expanded(co[0], B, kcol),
+                    _expanded(co[1], B, acol), _expanded(co[2], B, bcol), _expanded(co[3], B, ccol),
+                )  # fmt: skip
+            else:
+                for a in range(A):
+                    for j in range(m):
+                        _grad_run(
+                            g1, x1, d1, (a * C + c0 + j) * B, B,
+                            co[0, j], co[1, j], co[2, j], co[3, j],
+                        )  # fmt: skip
+
+
+@njit(**_OPTS)
+def _eval_blocks(x1, y1, A, C, B, cb, rm, rv, w, b, has_w, has_b, eps, lo, hi):
+    """Evaluation ``y = (x - running_mean) / sqrt(running_var + eps) * w + b`` of channels
+    ``lo .. hi-1`` in blocks of at most ``cb`` (wide data: many channels, few samples, where
+    the per-channel coefficients of the whole tensor would cost as much as the data)."""
+    kcol, scol, ocol, _, _ = _scratch(cb, B, x1)
+    for i in range((hi - lo + cb - 1) // cb):
+        c0, c1 = _block_bounds(lo, hi, cb, i)
+        m = c1 - c0
+        mean = np.empty(m)
+        invstd = np.empty(m)
+        for j in range(m):
+            mean[j] = rm[c0 + j]
+            invstd[j] = 1.0 / np.sqrt(np.float64(rv[c0 + j]) + eps)
+        kk, s, o = _coefficients(mean, invstd, w[c0:c1], b[c0:c1], has_w, has_b, x1)
+        _block_affine(x1, y1, A, C, B, c0, c1, kk, s, o, kcol, scol, ocol)
 
 
 # --- the kernels, generic over the data's dtype -------------------------------------------------
@@ -1076,28 +1363,26 @@ def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, sta
     has_b = (flags & 2) != 0
     cb = channel_block(A, C, B, x1.itemsize, 1, nthreads)
     if cb > 0 and (nthreads == 1 or omp.size):
-        mean = np.empty(C)
-        var = np.empty(C)
-        fin = np.ones(C, np.uint8)
         if nthreads == 1:
-            _forward_blocks(
-                x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, mean, var, stats, fin, 0, C
-            )
+            finite = _forward_blocks(x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, stats, 0, C)
         else:
             par = np.empty(1)  # eps, read through its address
             par[0] = eps
+            fin = np.ones(nthreads, np.uint8)  # per part: all its channels finite
             blk = _block((  # _FORWARD_BLOCKS_BLOCK slots
                 omp[1], x1.ctypes.data, y1.ctypes.data, A, C, B, cb, w.ctypes.data, b.ctypes.data,
-                flags & 3, par.ctypes.data, mean.ctypes.data, var.ctypes.data, stats.ctypes.data,
-                fin.ctypes.data, nthreads, omp[2],
+                flags & 3, par.ctypes.data, stats.ctypes.data, fin.ctypes.data, nthreads, omp[2],
             ))  # fmt: skip
             _omp_parallel(omp[0], omp[7], blk.ctypes.data, nthreads)
-            _alive((blk, par, mean, var, fin))
-        finite = True
+            _alive((blk, par, fin))
+            finite = True
+            for t in range(nthreads):
+                if fin[t] == 0:
+                    finite = False
+        # the blocks left the variance in stats[1]
+        _update_running(rm, rv, nbt, flags, momentum, stats[0], stats[1], finite, A * B)
         for c in range(C):
-            if fin[c] == 0:
-                finite = False
-        _update_running(rm, rv, nbt, flags, momentum, mean, var, finite, A * B)
+            stats[1, c] = 1.0 / np.sqrt(stats[1, c] + eps)
         return finite
     mean, var, finite = _batch_stats(x1, A, C, B, nthreads, omp)
     _update_running(rm, rv, nbt, flags, momentum, mean, var, finite, A * B)
@@ -1126,6 +1411,24 @@ def _update_running(rm, rv, nbt, flags, momentum, mean, var, finite, n):
 
 @njit(**_INLINE)
 def _eval_forward(x1, y1, A, C, B, rm, rv, w, b, flags, eps, nthreads, omp):
+    cb = channel_block(A, C, B, x1.itemsize, 1, nthreads)
+    if cb > 0 and B < RUN_MIN and (nthreads == 1 or omp.size):
+        # wide data: threads split the channels, and each block makes its own coefficients
+        # (those of the whole tensor, expanded per column, would cost as much as the data)
+        if nthreads == 1:
+            _eval_blocks(x1, y1, A, C, B, cb, rm, rv, w, b, (flags & 1) != 0, (flags & 2) != 0,
+                         eps, 0, C)  # fmt: skip
+        else:
+            par = np.empty(1)  # eps, read through its address
+            par[0] = eps
+            blk = _block((  # _EVAL_BLOCKS_BLOCK slots
+                omp[1], x1.ctypes.data, y1.ctypes.data, A, C, B, cb, rm.ctypes.data,
+                rv.ctypes.data, w.ctypes.data, b.ctypes.data, flags & 3, par.ctypes.data,
+                nthreads, omp[2],
+            ))  # fmt: skip
+            _omp_parallel(omp[0], omp[9], blk.ctypes.data, nthreads)
+            _alive((blk, par))
+        return
     mean = np.empty(C)
     invstd = np.empty(C)
     for c in range(C):

@@ -42,6 +42,7 @@ __all__ = [
     "MIN_BYTES",
     "BufferCacheInfo",
     "buffer_cache_info",
+    "empty",
     "empty_buffer_cache",
     "empty_like",
     "set_buffer_cache",
@@ -109,7 +110,8 @@ class _Cache:
         self.misses = 0
 
     def new(self, x: Tensor, key: _Key) -> Tensor | None:
-        """A tensor of x's layout over a new buffer; None beyond the cap."""
+        """A tensor of x's layout over a new buffer (x may be a meta tensor); None beyond the
+        cap."""
         with self._lock:
             self.misses += 1
             nbytes = x.nbytes
@@ -197,6 +199,17 @@ def empty_like(x: Tensor) -> Tensor:
         if y is not None:
             return y
     return torch.empty_like(x)
+
+
+def empty(n: int, dtype: torch.dtype) -> Tensor:
+    """An uninitialized 1-D tensor of ``n`` values of ``dtype`` (float32 or float64), from the
+    cache from :data:`MIN_BYTES` on: per-channel results of very wide inputs (the saved
+    statistics, the parameters' gradients) are as large as the data there, and would fault
+    their pages at every step too."""
+    if n * (4 if dtype is torch.float32 else 8) < MIN_BYTES or dtype not in _NUMPY:
+        return torch.empty(n, dtype=dtype)
+    y = empty_like(torch.empty(n, dtype=dtype, device="meta"))
+    return y if y.device.type == "cpu" else torch.empty(n, dtype=dtype)
 
 
 def set_buffer_cache(max_bytes: int) -> None:

@@ -122,7 +122,7 @@ def _torch_openmp() -> np.ndarray | None:
 
 _TORCH_OPENMP = _torch_openmp()
 #: per compute dtype, the ``pomp`` argument of the loops: the address of the table
-#: [GOMP_parallel, omp_get_thread_num, omp_get_num_threads, the six shares] (kept alive in
+#: [GOMP_parallel, omp_get_thread_num, omp_get_num_threads, the seven shares] (kept alive in
 #: _tables), or 0 for numba's pool; made at the first kernel call of that dtype (compiling the
 #: shares)
 _pools: dict[torch.dtype, int] = {}
@@ -426,7 +426,7 @@ def train_forward(
     if bias is not None and (bias.dtype is not dt or not bias.is_contiguous()):
         bias = bias.detach().to(dt).contiguous()
     y = buffers.empty_like(x)
-    stats = torch.empty(2 * c, dtype=_F64)
+    stats = buffers.empty(2 * c, _F64)  # as large as x on very wide inputs
     if running_mean is None:
         flags = 0
         prm = prv = pnbt = 0
@@ -547,8 +547,8 @@ def _param_grads(
     need_w: bool, need_b: bool, c: int, dt: torch.dtype
 ) -> tuple[Tensor | None, Tensor | None]:
     return (
-        torch.empty(c, dtype=dt) if need_w else None,
-        torch.empty(c, dtype=dt) if need_b else None,
+        buffers.empty(c, dt) if need_w else None,
+        buffers.empty(c, dt) if need_b else None,
     )
 
 
@@ -590,10 +590,10 @@ def train_backward(
         dx = buffers.empty_like(x)
     if needs[1] and weight is not None:
         flags |= 2
-        dw = torch.empty(c, dtype=dt)
+        dw = buffers.empty(c, dt)
     if needs[2] and bias is not None:
         flags |= 4
-        db = torch.empty(c, dtype=dt)
+        db = buffers.empty(c, dt)
     (loops.train_backward_f32 if dt is _F32 else loops.train_backward_f64)(
         dy.data_ptr(), x.data_ptr(), a, c, b, stats.data_ptr(),
         0 if w is None else w.data_ptr(), flags, 0 if dx is None else dx.data_ptr(),
