@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    shapes = [(256, 64), (64, 32, 16, 16), (8, 16, 32, 32, 4)]
+    shapes = [(256, 64), (16, 4096), (64, 32, 16, 16), (4, 512, 4, 4), (8, 16, 32, 32, 4)]
     print(f"torch {torch.__version__}; max |y - exact| over the whole output")
     print("| shape | mean / std | torch | bnorm |\n|---|---|---|---|")
     for shape in shapes:
