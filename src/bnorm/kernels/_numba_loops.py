@@ -256,9 +256,9 @@ def _affine_from(data, zero):
     k = carray(_typed(blk[8], zero), C)
     s = carray(_typed(blk[9], zero), C)
     o = carray(_typed(blk[10], zero), C)
-    kc = carray(_typed(blk[11], zero), W)
-    sc = carray(_typed(blk[12], zero), W)
-    oc = carray(_typed(blk[13], zero), W)
+    kc = carray(_typed(blk[11], zero), max(W, 0))  # (W < 0: wide blocks, no columns)
+    sc = carray(_typed(blk[12], zero), max(W, 0))
+    oc = carray(_typed(blk[13], zero), max(W, 0))
     t, team = _omp_int(blk[0]), _omp_int(blk[15])
     while t < nt:
         _affine_part(x1, y1, A, C, B, W, blk[7], k, s, o, kc, sc, oc, t, nt)
@@ -274,7 +274,7 @@ def _grad_from(data, zero):
     x1 = carray(_typed(blk[2], zero), n)
     d1 = carray(_typed(blk[3], zero), n)
     co = carray(_typed(blk[9], zero), (4, C))
-    cols = carray(_typed(blk[10], zero), (4, W))
+    cols = carray(_typed(blk[10], zero), (4, max(W, 0)))  # (W < 0: wide blocks)
     t, team = _omp_int(blk[0]), _omp_int(blk[12])
     while t < nt:
         _grad_part(g1, x1, d1, A, C, B, W, blk[8], co, cols, t, nt)
@@ -844,6 +844,9 @@ def _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, t, nthreads):
                     for _ in range(B):
                         y1[i] = (x1[i] - k[c]) * s[c] + o[c]
                         i += 1
+    elif W < 0:  # wide blocks of -W channels
+        lo, hi = _chunk(C, t, nthreads)
+        _wide_affine_range(x1, y1, A, C, B, k, s, o, -W, lo, hi)
     else:
         lo, hi = _chunk(A * C, t, nthreads)
         _run_affine(x1, C, B, k, s, o, y1, lo, hi)
@@ -852,10 +855,10 @@ def _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, t, nthreads):
 @njit(**_INLINE)
 def _affine(x1, A, C, B, k, s, o, y1, nthreads, omp):
     """``y = (x - k) * s + o`` per channel; ``k, s, o`` are (C,) arrays of the data's dtype."""
-    W, rows = plan(A, C, B)
-    kc = _expand(k, W, C, B)
-    sc = _expand(s, W, C, B)
-    oc = _expand(o, W, C, B)
+    W, rows = _reduction_plan(A, C, B, x1.itemsize, 1, nthreads)
+    kc = _expand(k, max(W, 0), C, B)
+    sc = _expand(s, max(W, 0), C, B)
+    oc = _expand(o, max(W, 0), C, B)
     if nthreads == 1:
         _affine_part(x1, y1, A, C, B, W, rows, k, s, o, kc, sc, oc, nthreads - 1, nthreads)
     elif omp.size:
@@ -918,6 +921,9 @@ def _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, t, nthreads):
                     for _ in range(B):
                         d1[i] = co[1, c] * g1[i] + co[2, c] * (x1[i] - co[0, c]) + co[3, c]
                         i += 1
+    elif W < 0:  # wide blocks of -W channels
+        lo, hi = _chunk(C, t, nthreads)
+        _wide_grad_range(g1, x1, d1, A, C, B, co, -W, lo, hi)
     else:
         lo, hi = _chunk(A * C, t, nthreads)
         _run_grad(g1, x1, C, B, co[0], co[1], co[2], co[3], d1, lo, hi)
@@ -936,8 +942,8 @@ def _expand_rows(co, W, C, B):
 @njit(**_INLINE)
 def _grad(g1, x1, A, C, B, co, d1, nthreads, omp):
     """``dx = a * dy + b * (x - k) + c`` per channel, ``co`` = (4, C) rows k, a, b, c."""
-    W, rows = plan(A, C, B)
-    cols = _expand_rows(co, W, C, B)
+    W, rows = _reduction_plan(A, C, B, x1.itemsize, 2, nthreads)
+    cols = _expand_rows(co, max(W, 0), C, B)
     if nthreads == 1:
         _grad_part(g1, x1, d1, A, C, B, W, rows, co, cols, nthreads - 1, nthreads)
     elif omp.size:
@@ -1242,10 +1248,34 @@ def _wide_range(g1, x1, A, C, B, k, cb, lo, hi, o1, o2, dots):
 
 
 @njit(**_OPTS)
+def _wide_affine_range(x1, y1, A, C, B, k, s, o, cb, lo, hi):
+    """:func:`_affine` over channels ``lo .. hi-1`` by wide blocks of at most ``cb``."""
+    kcol, scol, ocol, _, _ = _scratch(cb, B, x1)
+    for i in range((hi - lo + cb - 1) // cb):
+        c0, c1 = _block_bounds(lo, hi, cb, i)
+        _block_affine(x1, y1, A, C, B, c0, c1, k[c0:c1], s[c0:c1], o[c0:c1], kcol, scol, ocol)
+
+
+@njit(**_OPTS)
+def _wide_grad_range(g1, x1, d1, A, C, B, co, cb, lo, hi):
+    """:func:`_grad` over channels ``lo .. hi-1`` by wide blocks of at most ``cb``."""
+    kcol, acol, bcol, _, _ = _scratch(cb, B, x1)
+    ccol = np.empty(kcol.shape[0], x1.dtype)
+    for i in range((hi - lo + cb - 1) // cb):
+        c0, c1 = _block_bounds(lo, hi, cb, i)
+        _wide_grad(
+            g1, x1, d1, A, C, B, c0, c1, _expanded(co[0, c0:c1], B, kcol),
+            _expanded(co[1, c0:c1], B, acol), _expanded(co[2, c0:c1], B, bcol),
+            _expanded(co[3, c0:c1], B, ccol),
+        )  # fmt: skip
+
+
+@njit(**_OPTS)
 def _reduction_plan(A, C, B, itemsize, arrays, nthreads):
-    """``(W, rows)`` of the reductions over ``arrays`` arrays: :func:`plan`'s, or ``(-cb, 0)``
-    where the fused passes take wide blocks of ``cb`` channels (the reductions then do too:
-    threads split the channels)."""
+    """``(W, rows)`` of the two-pass loops over ``arrays`` arrays read twice (1 for the
+    statistics and ``y``, 2 for the backward's): :func:`plan`'s, or ``(-cb, 0)`` where the
+    fused passes take wide blocks of ``cb`` channels (the two-pass loops then do too: threads
+    split the channels, and no per-column array is made)."""
     cb = channel_block(A, C, B, itemsize, arrays, nthreads)
     if cb > 0 and B < RUN_MIN:
         return -cb, 0
