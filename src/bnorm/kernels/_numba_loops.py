@@ -1234,6 +1234,21 @@ def _block_affine(x1, y1, A, C, B, c0, c1, k, s, o, kcol, scol, ocol):
 
 
 @njit(**_OPTS)
+def _block_grad(g1, x1, d1, A, C, B, c0, c1, k, a, b, c, kcol, acol, bcol, ccol):
+    """``dx = a * dy + b * (x - k) + c`` over the channels ``c0 .. c1-1`` of a block (``k, a,
+    b, c``: the block's coefficients; the ``*col`` arrays: scratch for wide blocks)."""
+    if B < RUN_MIN:
+        _wide_grad(
+            g1, x1, d1, A, C, B, c0, c1, _expanded(k, B, kcol), _expanded(a, B, acol),
+            _expanded(b, B, bcol), _expanded(c, B, ccol),
+        )  # fmt: skip
+        return
+    for sample in range(A):
+        for j in range(c1 - c0):
+            _grad_run(g1, x1, d1, (sample * C + c0 + j) * B, B, k[j], a[j], b[j], c[j])
+
+
+@njit(**_OPTS)
 def _wide_range(g1, x1, A, C, B, k, cb, lo, hi, o1, o2, dots):
     """The reductions of :func:`_sums` and :func:`_dots` (``dots``) over channels ``lo .. hi-1``
     by wide blocks of at most ``cb`` channels: per-channel sums into ``o1``, ``o2``, taken as
@@ -1263,10 +1278,9 @@ def _wide_grad_range(g1, x1, d1, A, C, B, co, cb, lo, hi):
     ccol = np.empty(kcol.shape[0], x1.dtype)
     for i in range((hi - lo + cb - 1) // cb):
         c0, c1 = _block_bounds(lo, hi, cb, i)
-        _wide_grad(
-            g1, x1, d1, A, C, B, c0, c1, _expanded(co[0, c0:c1], B, kcol),
-            _expanded(co[1, c0:c1], B, acol), _expanded(co[2, c0:c1], B, bcol),
-            _expanded(co[3, c0:c1], B, ccol),
+        _block_grad(
+            g1, x1, d1, A, C, B, c0, c1, co[0, c0:c1], co[1, c0:c1], co[2, c0:c1], co[3, c0:c1],
+            kcol, acol, bcol, ccol,
         )  # fmt: skip
 
 
@@ -1352,18 +1366,9 @@ def _backward_blocks(g1, x1, d1, A, C, B, cb, stats, w, has_w, flags, dw, db, lo
                 db[c0 + j] = s1[j]
         if (flags & 8) != 0:
             co = _grad_coefficients(mean, invstd, w[c0:c1], has_w, s1, s2, n, x1)
-            if B < RUN_MIN:
-                _wide_grad(
-                    g1, x1, d1, A, C, B, c0, c1, _expanded(co[0], B, kcol),
-                    _expanded(co[1], B, acol), _expanded(co[2], B, bcol), _expanded(co[3], B, ccol),
-                )  # fmt: skip
-            else:
-                for a in range(A):
-                    for j in range(m):
-                        _grad_run(
-                            g1, x1, d1, (a * C + c0 + j) * B, B,
-                            co[0, j], co[1, j], co[2, j], co[3, j],
-                        )  # fmt: skip
+            _block_grad(
+                g1, x1, d1, A, C, B, c0, c1, co[0], co[1], co[2], co[3], kcol, acol, bcol, ccol
+            )
 
 
 @njit(**_OPTS)
