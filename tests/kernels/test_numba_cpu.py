@@ -275,19 +275,23 @@ def test_first_use_keeps_torch_thread_count(first_call):
 @pytest.mark.parametrize("env", [{"OMP_THREAD_LIMIT": "1"}, {"OMP_DYNAMIC": "true"}])
 def test_kernels_correct_when_openmp_gives_fewer_threads(env):
     """OpenMP may run a region on fewer threads than asked for (a thread limit, dynamic
-    adjustment under load): every part of the work must still be done. Training forward,
-    backward and evaluation on 2 requested threads, against torch."""
+    adjustment under load): every part of the work must still be done, and a barrier inside a
+    region (the blocked forward's parallel finish, from FINISH_MIN_CHANNELS channels: the
+    (16, 8192) input) must not wait for threads that are not there. Training forward, backward
+    and evaluation on 2 requested threads, against torch."""
     code = (
         "import torch, bnorm\n"
         "torch.set_num_threads(2)\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "x = (torch.randn(64, 8, 40, 40, generator=g) * 2 + 1).requires_grad_()\n"
-        "dy = torch.randn(64, 8, 40, 40, generator=g)\n"
         "diffs = []\n"
-        "for cl in (False, True):\n"
-        "    xi = x.detach().contiguous(memory_format=torch.channels_last) if cl else x.detach()\n"
+        "cases = [((64, 8, 40, 40), False), ((64, 8, 40, 40), True), ((16, 8192), False)]\n"
+        "for shape, cl in cases:\n"
+        "    x = torch.randn(shape, generator=g) * 2 + 1\n"
+        "    dy = torch.randn(shape, generator=g)\n"
+        "    xi = x.contiguous(memory_format=torch.channels_last) if cl else x\n"
         "    outs = []\n"
-        "    for layer in (bnorm.BatchNorm2d(8), torch.nn.BatchNorm2d(8)):\n"
+        "    for nn in (bnorm, torch.nn):\n"
+        "        layer = (nn.BatchNorm2d if x.dim() == 4 else nn.BatchNorm1d)(shape[1])\n"
         "        xr = xi.clone().requires_grad_()\n"
         "        y = layer(xr)\n"
         "        y.backward(dy)\n"
@@ -567,10 +571,80 @@ def test_four_steps_on_wide_data_match_the_fused_passes(geometry, threading_mode
     mean, var = numba_cpu.statistics(x)
     invstd = stats[c:]  # stats: the mean, then 1 / sqrt(var + eps)
     assert torch.equal(mean, stats[:c])
-    # the compiled 1 / sqrt may differ from torch's in the last bit
-    assert_close(invstd, 1.0 / torch.sqrt(var + 1e-5), atol=0, rtol=4e-16, what="invstd")
+    # float32 data's 1 / sqrt is within two units in the last place of torch's (_inv_sqrt)
+    assert_close(invstd, 1.0 / torch.sqrt(var + 1e-5), atol=0, rtol=4.5e-16, what="invstd")
     _dx, dw, db = numba_cpu.train_backward(dy, x, stats, w, b, (False, True, True))
     sum_dy, sum_dy_xmu = numba_cpu.backward_reduce(dy, x, mean)
     assert torch.equal(db, sum_dy.float()) and torch.equal(dw, (sum_dy_xmu * invstd).float())
     ref_mean = np64(x).mean(axis=tuple(i for i in range(x.dim()) if i != 1))
     assert np.abs(mean.numpy() - ref_mean).max() <= 1e-9 * 50
+
+
+def test_fast_inverse_square_root_is_exact_to_float64_rounding():
+    """float32 data takes 1/sqrt(var + eps) from a float32 estimate refined twice in float64:
+    within two units in the last place (4.5e-16) of the correctly rounded value over the whole
+    range it is used in; outside
+    that range (and for float64 data) the exact division, bit for bit."""
+    loops = numba_cpu.loops
+    rng = np.random.default_rng(5)
+    t = np.concatenate([
+        10.0 ** rng.uniform(np.log10(loops.FAST_MIN), np.log10(loops.FAST_MAX), 200_000),
+        [loops.FAST_MIN, loops.FAST_MAX, 1.0, 2.0, 0.5, 1e-5],
+    ])  # fmt: skip
+    exact = 1.0 / np.sqrt(t)
+    out = np.empty_like(t)
+    loops._invstd_into(t, 0.0, np.zeros(1, np.float32), out)
+    assert np.abs(out / exact - 1.0).max() <= 4.5e-16
+    for outside in (1e-42, 1e-35, 1e31, 1e40, np.inf, 0.0):
+        some = np.append(t[:1000], outside)
+        out = np.empty_like(some)
+        loops._invstd_into(some, 0.0, np.zeros(1, np.float32), out)
+        with np.errstate(divide="ignore"):  # 1 / sqrt(0) = inf, as the kernels give
+            assert np.array_equal(out, 1.0 / np.sqrt(some))
+    out = np.empty_like(t)
+    loops._invstd_into(t, 0.0, np.zeros(1, np.float64), out)
+    assert np.array_equal(out, exact)
+
+
+@pytest.mark.parametrize("geometry", [BLOCKED, WIDE_RUNS, WIDE_NC, (6, 5, 7)], ids=str)
+def test_variances_outside_the_fast_range_take_the_exact_inverse(geometry, threading_mode):
+    """A constant channel with a tiny eps (var + eps = 1e-42, a float32 subnormal, where a
+    float32 estimate is infinite) and a channel of values near 1e16 (var = 1e32, above
+    FAST_MAX) in float32 data: the kernels take the exact 1/sqrt there, in training and in
+    evaluation. (Values near 1e20 would overflow the runs family's float32 block sums: such a
+    batch reports itself non-finite.)"""
+    c = geometry[1]
+    x = _x(geometry, False, dtype=torch.float32, seed=31)
+    x[:, 1] = 3.0
+    x[:, 2] = x[:, 2].sign() * 1e16
+    eps = 1e-42
+    _y, stats, finite = numba_cpu.train_forward(x, None, None, None, None, None, 0.1, eps)
+    assert finite and bool(torch.isfinite(stats).all())
+    var = torch.var(x.double().transpose(0, 1).reshape(c, -1), dim=1, correction=0)
+    assert float(stats[c + 1]) == 1.0 / np.sqrt(eps)  # var = 0: exact
+    # the runs family sums blocks in float32 lanes: its variance is float32-precise
+    assert_close(stats[c:], 1.0 / torch.sqrt(var + eps), atol=0, rtol=1e-6, what="invstd")
+    rv = var.float()
+    y = numba_cpu.eval_forward(x, torch.zeros(c), rv, None, None, eps)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    ref_y = np64(x) / np.sqrt(np64(rv).astype(np.float64) + eps).reshape(shape)
+    assert np.isfinite(np64(y)).all()
+    assert_close(y, ref_y, atol=1e-6, rtol=1e-6, what="y")
+
+
+@GEOMETRIES
+def test_blocked_cumulative_average_and_counter(geometry, threading_mode):
+    """momentum=None on the blocked passes: each thread moves its channels' running statistics
+    at the rate 1/(t + 1) read before the counter advances, which happens once per batch."""
+    c = geometry[1]
+    rm, rv = torch.zeros(c), torch.ones(c)
+    nbt = torch.zeros(1, dtype=torch.int64)
+    rm_ref, rv_ref, t = np.zeros(c), np.ones(c), 0
+    for seed in range(3):
+        x = _x(geometry, False, dtype=torch.float32, offset=2.0, seed=40 + seed)
+        numba_cpu.train_forward(x, None, None, rm, rv, nbt, None, 1e-5)
+        _y, cache = ref.forward_train(np64(x), None, None, eps=1e-5)
+        rm_ref, rv_ref, t = ref.update_running_stats(rm_ref, rv_ref, cache.stats, None, t)
+    assert int(nbt) == t == 3
+    assert_close(rm, rm_ref, atol=1e-6, rtol=1e-6, what="running_mean")
+    assert_close(rv, rv_ref, atol=0, rtol=1e-5, what="running_var")

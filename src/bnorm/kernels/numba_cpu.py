@@ -93,8 +93,9 @@ def _start_pool() -> None:
 
 
 def _torch_openmp() -> np.ndarray | None:
-    """The addresses of ``GOMP_parallel``, ``omp_get_thread_num`` and ``omp_get_num_threads`` in
-    the OpenMP runtime that torch's own kernels run on (int64 array of three), or ``None``:
+    """The addresses of ``GOMP_parallel``, ``omp_get_thread_num``, ``omp_get_num_threads`` and
+    ``GOMP_barrier`` in the OpenMP runtime that torch's own kernels run on (int64 array of
+    four), or ``None``:
     torch not built with GNU OpenMP (its wheels for Linux are), the runtime not found among
     torch's libraries, or ``BNORM_TORCH_POOL=0``.
 
@@ -112,7 +113,10 @@ def _torch_openmp() -> np.ndarray | None:
     for path in sorted(candidates):
         try:
             lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-            functions = (lib.GOMP_parallel, lib.omp_get_thread_num, lib.omp_get_num_threads)
+            functions = (
+                lib.GOMP_parallel, lib.omp_get_thread_num, lib.omp_get_num_threads,
+                lib.GOMP_barrier,
+            )  # fmt: skip
         except (OSError, AttributeError):
             continue
         addresses = [ctypes.cast(f, ctypes.c_void_p).value for f in functions]
@@ -122,9 +126,9 @@ def _torch_openmp() -> np.ndarray | None:
 
 _TORCH_OPENMP = _torch_openmp()
 #: per compute dtype, the ``pomp`` argument of the loops: the address of the table
-#: [GOMP_parallel, omp_get_thread_num, omp_get_num_threads, the seven shares] (kept alive in
-#: _tables), or 0 for numba's pool; made at the first kernel call of that dtype (compiling the
-#: shares)
+#: [GOMP_parallel, omp_get_thread_num, omp_get_num_threads, the seven shares, GOMP_barrier]
+#: (kept alive in _tables), or 0 for numba's pool; made at the first kernel call of that dtype
+#: (compiling the shares)
 _pools: dict[torch.dtype, int] = {}
 _tables: list[np.ndarray] = []
 
@@ -134,9 +138,8 @@ def _pool(dtype: torch.dtype) -> int:
     if at is None:
         at = 0
         if _TORCH_OPENMP is not None:
-            table = np.concatenate(
-                [_TORCH_OPENMP, np.array(loops.shares(dtype is torch.float32), np.int64)]
-            )
+            shares = np.array(loops.shares(dtype is torch.float32), np.int64)
+            table = np.concatenate([_TORCH_OPENMP[:3], shares, _TORCH_OPENMP[3:]])
             _tables.append(table)
             at = table.ctypes.data
         _pools[dtype] = at
