@@ -1031,6 +1031,13 @@ def _inv_sqrt(t, exact):
     return r * (1.5 - 0.5 * t * r * r)
 
 
+@njit(**_INLINE)
+def _outside_fast(t):
+    """1 where ``t`` is outside the fast ``1 / sqrt``'s range, else 0 (summed into a count: a
+    count, not an early exit, lets the loops vectorize)."""
+    return 1 if t < FAST_MIN or t > FAST_MAX else 0
+
+
 @njit(**_OPTS)
 def _invstd_into(var, eps, like, out):
     """``out[c] = 1 / sqrt(var[c] + eps)`` (float64; ``out`` may be ``var``): fast for float32
@@ -1038,10 +1045,8 @@ def _invstd_into(var, eps, like, out):
     exact = like.itemsize != 4
     if not exact:
         bad = 0
-        for c in range(var.shape[0]):  # a count, not an early exit: the loop vectorizes
-            t = np.float64(var[c]) + eps
-            if t < FAST_MIN or t > FAST_MAX:
-                bad += 1
+        for c in range(var.shape[0]):
+            bad += _outside_fast(np.float64(var[c]) + eps)
         exact = bad > 0
     for c in range(var.shape[0]):
         out[c] = _inv_sqrt(np.float64(var[c]) + eps, exact)
@@ -1057,10 +1062,12 @@ def _fill_coefficients(mean, v, w, b, has_w, has_b, eps, mode, k, s, o):
     bad = 0
     for c in range(mean.shape[0]):
         m = np.float64(mean[c])
-        t = np.float64(v[c]) + eps
-        if t < FAST_MIN or t > FAST_MAX:
-            bad += 1
-        invstd = np.float64(v[c]) if mode == 0 else _inv_sqrt(t, mode == 1)
+        if mode == 0:
+            invstd = np.float64(v[c])
+        else:
+            t = np.float64(v[c]) + eps
+            bad += _outside_fast(t)
+            invstd = _inv_sqrt(t, mode == 1)
         scale = invstd * (np.float64(w[c]) if has_w else 1.0)
         kc = k.dtype.type(m)
         k[c] = kc
@@ -1500,7 +1507,6 @@ def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, sta
         in_region = C >= FINISH_MIN_CHANNELS
         if nthreads == 1:
             finite = _forward_blocks(x1, y1, A, C, B, cb, w, b, has_w, has_b, eps, stats, 0, C)
-            _finish_forward(stats, rm, rv, flags, rate, eps, finite, A * B, x1, 0, C)
         else:
             par = np.empty(2)  # eps and the rate, read through their address
             par[0] = eps
@@ -1517,8 +1523,8 @@ def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, sta
             for t in range(nthreads):
                 if fin[t] == 0:
                     finite = False
-            if not in_region:
-                _finish_forward(stats, rm, rv, flags, rate, eps, finite, A * B, x1, 0, C)
+        if nthreads == 1 or not in_region:
+            _finish_forward(stats, rm, rv, flags, rate, eps, finite, A * B, x1, 0, C)
         if finite and (flags & 12) == 12:
             nbt[0] += 1
         return finite
