@@ -325,10 +325,7 @@ def _forward_blocks_from(data, zero):
         return
     # every part's finite flag is needed before any running statistic may move
     _omp_barrier(blk[17])
-    bad = 0  # a count, not a flag set to True first: that would compile _finish_forward twice
-    for u in range(nt):
-        bad += fin[u] == 0
-    finite = bad == 0
+    finite = _parts_finite(fin)
     t = tid
     while t < nt:
         lo, hi = _chunk(C, t, nt)
@@ -1048,7 +1045,7 @@ def _invstd_into(var, eps, like, out):
     """``out[c] = 1 / sqrt(var[c] + eps)`` (float64; ``out`` may be ``var``): fast for float32
     ``like`` when every value is in range, else exact (see :func:`_inv_sqrt`)."""
     exact = like.itemsize != 4
-    if not exact:
+    if not exact:  # counted before any value is written: ``out`` may be ``var`` itself
         bad = 0
         for c in range(var.shape[0]):
             bad += _outside_fast(np.float64(var[c]) + eps)
@@ -1524,10 +1521,7 @@ def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, sta
             ))  # fmt: skip
             _omp_parallel(omp[0], omp[7], blk.ctypes.data, nthreads)
             _alive((blk, par, fin))
-            finite = True
-            for t in range(nthreads):
-                if fin[t] == 0:
-                    finite = False
+            finite = _parts_finite(fin)
         if nthreads == 1 or not in_region:
             _finish_forward(stats, rm, rv, flags, rate, eps, finite, A * B, x1, _ZERO, C)
         if finite and (flags & 12) == 12:
@@ -1541,6 +1535,17 @@ def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, sta
     kk, s, o = _coefficients(stats[0], stats[1], w, b, has_w, has_b, x1)
     _affine(x1, A, C, B, kk, s, o, y1, nthreads, omp)
     return finite
+
+
+@njit(**_OPTS)
+def _parts_finite(fin):
+    """Whether every part of the blocked forward found its channels finite (``fin``: one
+    flag per part). A count, not a flag set to True first: a literal True would be typed
+    Literal[bool] and compile _finish_forward once more (see _ZERO)."""
+    bad = 0
+    for u in range(fin.shape[0]):
+        bad += fin[u] == 0
+    return bad == 0
 
 
 @njit(**_OPTS)
