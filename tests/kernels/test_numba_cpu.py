@@ -648,3 +648,70 @@ def test_blocked_cumulative_average_and_counter(geometry, threading_mode):
     assert int(nbt) == t == 3
     assert_close(rm, rm_ref, atol=1e-6, rtol=1e-6, what="running_mean")
     assert_close(rv, rv_ref, atol=0, rtol=1e-5, what="running_var")
+
+
+# channel means in standard deviations, on both sides of DIRECT_MAX and far beyond it
+DIRECT_OFFSETS = [0.0, 0.5, -2.0, 3.9, -3.9, 4.1, -4.1, 20.0, 1e3, -1e4, 1e4]
+
+
+@pytest.mark.parametrize(
+    "geometry,cl",
+    [((48, 11), False), ((6, 11, 3, 3), True), ((40, 11, 5), False), ((5, 11), False)],
+    ids=["columns", "channels_last", "short-runs", "wide"],
+)
+def test_short_runs_normalize_near_zero_without_a_shift_and_far_with_one(
+    geometry, cl, threading_mode
+):
+    """With short runs, a channel whose mean is within DIRECT_MAX standard deviations of zero
+    is normalized as ``x * s + o`` (one coefficient array fewer per value), a channel farther
+    out around its rounded mean: every output keeps float32 precision whatever the offset
+    (without the shift, 1e4 standard deviations would cost about 1e-3)."""
+    c = geometry[1]
+    shape = [1] * len(geometry)
+    shape[1] = c
+    offsets = torch.tensor(DIRECT_OFFSETS, dtype=torch.float64).reshape(shape)
+    g = torch.Generator().manual_seed(31)
+    x = (torch.randn(geometry, generator=g, dtype=torch.float64) + offsets).float()
+    x = channels_last(x) if cl else x
+    dy = _x(geometry, cl, dtype=torch.float32, seed=32)
+    w, b = torch.linspace(0.5, 1.5, c), torch.linspace(-1.0, 1.0, c)
+    xr = x.clone().requires_grad_()
+    y = batch_norm(xr, None, None, w, b, training=True)
+    y.backward(dy)
+    y_ref, cache = ref.forward_train(np64(x), np64(w), np64(b), eps=1e-5)
+    dx_ref, _, _ = ref.backward(np64(dy), cache)
+    assert np.abs(np64(y) - y_ref).max() <= 2e-6
+    assert np.abs(np64(xr.grad) - dx_ref).max() <= 2e-6 * np.abs(dx_ref).max()
+    # evaluation, with the batch's exact statistics as running statistics
+    axes = tuple(i for i in range(x.dim()) if i != 1)
+    rm = torch.tensor(np64(x).mean(axis=axes), dtype=torch.float32)
+    rv = torch.tensor(np64(x).var(axis=axes), dtype=torch.float32)
+    with torch.no_grad():
+        y_eval = batch_norm(x, rm, rv, w, b, training=False)
+    expected = ref.forward_eval(np64(x), np64(rm), np64(rv), np64(w), np64(b), 1e-5)
+    assert np.abs(np64(y_eval) - expected).max() <= 2e-6
+
+
+def test_direct_coefficients_drop_the_shift_only_near_zero():
+    """The per-channel decision behind the direct form: with ``direct``, the shift ``k`` is 0
+    where ``|mean| * invstd <= DIRECT_MAX`` and the mean rounded elsewhere; without it, always
+    the mean rounded. Either way ``(x - k) * s + o`` is the same normalization."""
+    loops = numba_cpu.loops
+    invstd = np.array([1.0, 1.0, 1.0, 1.0, 0.01, 100.0, 2.0])
+    mean = np.array([0.0, 3.9, -4.1, 1e4, 390.0, 0.05, -2.1])
+    near = np.abs(mean) * invstd <= loops.DIRECT_MAX
+    assert near.tolist() == [True, True, False, False, True, False, False]
+    w, b = np.linspace(0.5, 1.5, 7), np.linspace(-1.0, 1.0, 7)
+    like = np.zeros(1, np.float32)
+    x = mean[:, None] + np.linspace(-3.0, 3.0, 5)[None, :] / invstd[:, None]
+    exact = (x - mean[:, None]) * (invstd * w)[:, None] + b[:, None]
+    for direct in (True, False):
+        k, s, o = loops._coefficients(mean, invstd, w, b, True, True, like, direct)
+        expected_k = np.where(near & direct, 0.0, mean.astype(np.float32))
+        assert k.dtype == np.float32 and np.array_equal(k, expected_k)
+        got = (x - k[:, None]) * s[:, None].astype(np.float64) + o[:, None]
+        assert np.abs(got - exact).max() <= 1e-5
+        co = loops._grad_coefficients(
+            mean, invstd, w, True, np.ones(7), np.ones(7), 10, like, direct
+        )
+        assert np.array_equal(co[0], expected_k)

@@ -14,8 +14,9 @@ twice and writes dx; evaluation reads x once and writes y. That is the floor for
 (about four copies of the input for forward+backward, one for evaluation).
 
 Precision (see :mod:`bnorm.kernels._numba_loops`): statistics are float64 sums around a sample
-of each channel, elementwise steps subtract the mean rounded to the data's dtype first, so data
-whose mean is 1e5 standard deviations from zero keeps its digits.
+of each channel, elementwise steps subtract the mean rounded to the data's dtype first (where
+the mean is far from zero: see ``_numba_loops.DIRECT_MAX``), so data whose mean is 1e5
+standard deviations from zero keeps its digits.
 
 Dtypes: float32 and float64 run compiled loops in their own dtype. bfloat16/float16 (numba has
 no such types) are widened to float32 by torch, computed in float32 (statistics in float64),
@@ -271,7 +272,8 @@ def transform(
     """``y = (x - mean) * invstd * weight + bias`` in x's dtype and layout, one pass.
 
     Computed as ``(x - k) * scale + (bias - (mean - k) * scale)`` with ``k`` the mean rounded to
-    the compute dtype, so the large part of ``x - mean`` is taken exactly.
+    the compute dtype, so the large part of ``x - mean`` is taken exactly (``k = 0`` for short
+    runs whose mean is near zero: see ``_numba_loops.DIRECT_MAX``).
     """
     if x.numel() == 0:  # empty batches (the layers' N == 0 case) need no loop
         return torch_ops.transform(x, mean, invstd, weight, bias)
