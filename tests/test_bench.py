@@ -25,6 +25,7 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
     with files[0].open() as f:
         rows = list(csv.DictReader(f))
     assert [r["shape"] for r in rows] == ["8x3", "2x3x4x4", "8x3x32x32"]
+    assert {r["cpu"] for r in rows} == {bench.cpu_model()}
     for row in rows[:2]:
         for key in (
             "train_torch_over_bnorm",
@@ -34,6 +35,23 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
             value = float(row[key])
             assert math.isfinite(value) and value > 0, (key, row[key])
     assert float(rows[2]["fold_max_rel_error"]) < 1e-5
+
+
+def test_machine_kind_names_the_processor_vendor(monkeypatch, tmp_path):
+    """Results files of one machine kind are told apart by vendor (Intel and AMD machines of
+    the same kind measure different ratios): read from /proc/cpuinfo, omitted where absent."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n")
+    real_path = bench.Path
+    monkeypatch.setattr(
+        bench, "Path", lambda p: real_path(info) if p == "/proc/cpuinfo" else real_path(p)
+    )
+    assert bench.machine_kind().endswith("core-amd")
+    assert bench.cpu_model() == "AMD EPYC 9R14"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    assert bench.machine_kind().endswith("core-intel")
+    info.unlink()  # no /proc/cpuinfo (not Linux): the kind without a vendor
+    assert bench.machine_kind().endswith("core")
 
 
 def _torch_version():

@@ -48,6 +48,7 @@ __all__ = [
     "QUICK_CASES",
     "Case",
     "Goal",
+    "cpu_model",
     "goals_table",
     "machine_kind",
     "measure_case",
@@ -88,9 +89,34 @@ QUICK_CASES = [
 ]
 
 
+#: /proc/cpuinfo's vendor_id -> the name used in results files
+_VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
+
+
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in Linux's ``/proc/cpuinfo``, or None."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == field:
+                return value.strip()
+    except OSError:  # not Linux
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    """The processor's model name, e.g. ``AMD EPYC`` (``platform.processor()`` off Linux)."""
+    return _cpuinfo("model name") or platform.processor() or "unknown"
+
+
 def machine_kind() -> str:
-    """e.g. ``x86_64-2core``: what the results file is named after."""
-    return f"{platform.machine()}-{os.cpu_count()}core"
+    """e.g. ``x86_64-2core-intel``: what the results file is named after. The vendor is part of
+    it because machines of one kind here come with Intel or AMD processors, whose ratios
+    differ (torch's kernels and the caches differ as much as bnorm's loops do)."""
+    kind = f"{platform.machine()}-{os.cpu_count()}core"
+    vendor = _cpuinfo("vendor_id")
+    return kind if vendor is None else f"{kind}-{_VENDORS.get(vendor, vendor.lower())}"
 
 
 def _layers(case: Case) -> tuple[nn.Module, nn.Module]:
@@ -566,7 +592,8 @@ def _main(args: argparse.Namespace) -> int:
     load = f"{load_before}/{_load()}"
     version = torch.__version__.split("+")[0]
     print(
-        f"\nbnorm {bnorm.__version__}, torch {torch.__version__}, {machine_kind()}, "
+        f"\nbnorm {bnorm.__version__}, torch {torch.__version__}, {machine_kind()} "
+        f"({cpu_model()}), "
         f"{torch.get_num_threads()} threads, float32, median of {reps} alternating rounds, "
         f"{'one process' if args.one_process else 'a fresh process per case'}, "
         f"output buffer cache {'off' if args.no_buffer_cache else 'on'}; "
@@ -592,6 +619,7 @@ def _main(args: argparse.Namespace) -> int:
     fold_fields = ["fold_model_ms", "fold_folded_ms", "fold_speedup", "fold_max_rel_error"]
     meta = {
         "machine": machine_kind(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "reps": reps,
