@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from bnorm import bench
+import bnorm
+from bnorm import _platform, bench
 from bnorm.cli import main
 
 
@@ -26,6 +27,10 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["shape"] for r in rows] == ["8x3", "2x3x4x4", "8x3x32x32"]
     assert {r["cpu"] for r in rows} == {bench.cpu_model()}
+    nc = bnorm.kernels.numba_cpu
+    blocks = "n/a" if nc is None else ("on" if nc.RUN_BLOCK_BYTES else "off")
+    assert {r["channel_blocks"] for r in rows} == {blocks}
+    assert f"channel blocks {blocks};" in out
     for row in rows[:2]:
         for key in (
             "train_torch_over_bnorm",
@@ -42,10 +47,7 @@ def test_machine_kind_names_the_processor_vendor(monkeypatch, tmp_path):
     the same kind measure different ratios): read from /proc/cpuinfo, omitted where absent."""
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n")
-    real_path = bench.Path
-    monkeypatch.setattr(
-        bench, "Path", lambda p: real_path(info) if p == "/proc/cpuinfo" else real_path(p)
-    )
+    monkeypatch.setattr(_platform, "CPUINFO", info)
     assert bench.machine_kind().endswith("core-amd")
     assert bench.cpu_model() == "AMD EPYC 9R14"
     info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")

@@ -30,6 +30,17 @@ def test_info(capsys):
     assert any(pool in text for pool in pools)
 
 
+@pytest.mark.parametrize("run_bytes,state", [(1 << 20, "on"), (0, "off (two-pass loops)")])
+def test_info_says_whether_the_training_passes_take_channel_blocks(
+    run_bytes, state, capsys, monkeypatch
+):
+    from bnorm.kernels import numba_cpu
+
+    monkeypatch.setattr(numba_cpu, "RUN_BLOCK_BYTES", run_bytes)
+    assert main(["info"]) == 0
+    assert f"channel blocks of the training passes: {state}" in capsys.readouterr().out
+
+
 def test_console_script_runs_as_a_module():
     done = subprocess.run(
         [sys.executable, "-m", "bnorm", "--version"], capture_output=True, text=True, check=True

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 import bnorm
+from bnorm import _platform
 
 __all__ = [
     "DEFAULT_CASES",
@@ -90,24 +91,11 @@ QUICK_CASES = [
 
 
 #: /proc/cpuinfo's vendor_id -> the name used in results files
-_VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
-
-
-def _cpuinfo(field: str) -> str | None:
-    """The first value of ``field`` in Linux's ``/proc/cpuinfo``, or None."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == field:
-                return value.strip()
-    except OSError:  # not Linux
-        pass
-    return None
 
 
 def cpu_model() -> str:
     """The processor's model name, e.g. ``AMD EPYC`` (``platform.processor()`` off Linux)."""
-    return _cpuinfo("model name") or platform.processor() or "unknown"
+    return _platform.cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def machine_kind() -> str:
@@ -115,8 +103,8 @@ def machine_kind() -> str:
     it because machines of one kind here come with Intel or AMD processors, whose ratios
     differ (torch's kernels and the caches differ as much as bnorm's loops do)."""
     kind = f"{platform.machine()}-{os.cpu_count()}core"
-    vendor = _cpuinfo("vendor_id")
-    return kind if vendor is None else f"{kind}-{_VENDORS.get(vendor, vendor.lower())}"
+    vendor = _platform.cpu_vendor()
+    return kind if vendor is None else f"{kind}-{vendor}"
 
 
 def _layers(case: Case) -> tuple[nn.Module, nn.Module]:
@@ -596,7 +584,8 @@ def _main(args: argparse.Namespace) -> int:
         f"({cpu_model()}), "
         f"{torch.get_num_threads()} threads, float32, median of {reps} alternating rounds, "
         f"{'one process' if args.one_process else 'a fresh process per case'}, "
-        f"output buffer cache {'off' if args.no_buffer_cache else 'on'}; "
+        f"output buffer cache {'off' if args.no_buffer_cache else 'on'}, "
+        f"channel blocks {_channel_blocks()}; "
         f"1-min load average before/after: {load} (other processes skew absolute times; "
         "threads waiting on busy cores skew multi-threaded ones most)"
     )
@@ -624,6 +613,7 @@ def _main(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "reps": reps,
         "buffer_cache": "off" if args.no_buffer_cache else "on",
+        "channel_blocks": _channel_blocks(),
         "load_before_after": load,
     }
     with path.open("w", newline="") as f:
@@ -638,6 +628,16 @@ def _main(args: argparse.Namespace) -> int:
         )
     print(f"CSV: {path}")
     return 0
+
+
+def _channel_blocks() -> str:
+    """Whether bnorm's training passes take channel blocks here (they depend on the processor:
+    ``kernels.numba_cpu.RUN_BLOCK_BYTES``); the cases' processes inherit the environment that
+    decides it."""
+    nc = bnorm.kernels.numba_cpu
+    if nc is None:
+        return "n/a"
+    return "on" if nc.RUN_BLOCK_BYTES else "off"
 
 
 def _load() -> str:

@@ -21,7 +21,10 @@ def _info(args: argparse.Namespace) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
     print(f"kernel backends: {', '.join(sorted(BACKENDS))}")
     if kernels.numba_cpu is not None:
-        print(f"numba {version('numba')}: kernels on {kernels.numba_cpu.thread_pool()}")
+        nc = kernels.numba_cpu
+        print(f"numba {version('numba')}: kernels on {nc.thread_pool()}")
+        blocks = "on" if nc.RUN_BLOCK_BYTES else "off (two-pass loops)"
+        print(f"channel blocks of the training passes: {blocks} (BNORM_CHANNEL_BLOCKS)")
     return 0
 
 

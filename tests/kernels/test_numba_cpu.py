@@ -45,6 +45,20 @@ SHAPES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def run_blocks(monkeypatch):
+    """The run family's channel blocks on, whatever this processor's default (RUN_BLOCK_BYTES):
+    the shapes above are chosen to reach them; the two-pass loops are forced where a test says
+    so (``two_pass``)."""
+    monkeypatch.setattr(numba_cpu, "RUN_BLOCK_BYTES", numba_cpu.loops.BLOCK_BYTES)
+
+
+@pytest.fixture
+def two_pass(monkeypatch):
+    """The run family without channel blocks, as on processors where they do not pay off."""
+    monkeypatch.setattr(numba_cpu, "RUN_BLOCK_BYTES", 0)
+
+
 @pytest.fixture(params=["serial", "threads1", "threads2", "threads2-numba-pool"])
 def threading_mode(request, monkeypatch):
     """Serial loops; parallel loops on 1 thread; on 2 threads of torch's OpenMP pool (where
@@ -465,14 +479,33 @@ BLOCKED = (64, 16, 1200)  # float32: 300 KB per channel, so 3 channels per forwa
 # (N, C) with 2048 channels per forward block and 1024 per backward block (dy and x)
 WIDE_RUNS = (64, 1700, 5)
 WIDE_NC = (128, 4500)
-GEOMETRIES = pytest.mark.parametrize("geometry", [BLOCKED, WIDE_RUNS, WIDE_NC], ids=str)
+# BLOCKED again with the run family's blocks off (RUN_BLOCK_BYTES = 0): the two-pass loops
+GEOMETRIES = pytest.mark.parametrize(
+    "geometry",
+    [(BLOCKED, True), (BLOCKED, False), (WIDE_RUNS, True), (WIDE_NC, True)],
+    ids=["blocked", "two-pass", "wide-runs", "wide-nc"],
+    indirect=True,
+)
+
+
+@pytest.fixture
+def geometry(request, monkeypatch):
+    """The shape of a GEOMETRIES case, with the run family's blocks on or off as it says."""
+    shape, blocks = request.param
+    if not blocks:
+        monkeypatch.setattr(numba_cpu, "RUN_BLOCK_BYTES", 0)
+    return shape
 
 
 def test_channel_blocks_apply_where_the_data_allows():
-    blocks = numba_cpu.loops.channel_block
     budget = numba_cpu.loops.BLOCK_BYTES
+
+    def blocks(*geometry, run_bytes=budget):
+        return numba_cpu.loops.channel_block(*geometry, run_bytes)
+
     assert blocks(64, 64, 784, 4, 1, 2) == budget // (64 * 784 * 4)  # the bench's 12 MB case
     assert blocks(64, 16, 1200, 4, 1, 2) == 3 and blocks(64, 16, 1200, 4, 2, 2) == 1
+    assert blocks(64, 16, 1200, 4, 1, 2, run_bytes=700_000) == 2  # the caller's budget
     assert blocks(256, 64, 31, 4, 1, 2) == 0  # short runs, many samples: the column family
     # short runs in a small batch: wide blocks of at most WIDE_COLS values per sample
     wide = numba_cpu.loops.WIDE_COLS
@@ -482,6 +515,72 @@ def test_channel_blocks_apply_where_the_data_allows():
     assert blocks(64, 1700, 5, 4, 1, 2) == wide // 5 and blocks(64, 1700, 5, 4, 2, 2) == 409
     assert blocks(64, 7, 784, 4, 1, 2) == 0  # fewer than 4 channels per thread
     assert blocks(128, 64, 3136, 4, 1, 2) == 0  # one channel is more than a block
+    # without a budget for runs (RUN_BLOCK_BYTES = 0) runs take the two-pass loops, and wide
+    # blocks are unchanged
+    assert blocks(64, 64, 784, 4, 1, 2, run_bytes=0) == 0
+    assert blocks(64, 16, 1200, 4, 2, 2, run_bytes=0) == 0
+    assert blocks(8, 8192, 1, 4, 1, 2, run_bytes=0) == wide
+    assert blocks(64, 1700, 5, 4, 2, 2, run_bytes=0) == 409
+
+
+def test_run_blocks_follow_the_processor_unless_the_environment_says(monkeypatch, tmp_path):
+    """The default: blocks on Intel processors (where they were measured faster), the two-pass
+    loops elsewhere (slower with blocks on AMD's; unmeasured on others); BNORM_CHANNEL_BLOCKS
+    overrides it either way."""
+    from bnorm import _platform
+
+    info = tmp_path / "cpuinfo"
+    monkeypatch.setattr(_platform, "CPUINFO", info)
+    monkeypatch.delenv("BNORM_CHANNEL_BLOCKS", raising=False)
+    budget = numba_cpu.loops.BLOCK_BYTES
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    assert numba_cpu._run_block_bytes() == budget
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\n")
+    assert numba_cpu._run_block_bytes() == 0
+    monkeypatch.setenv("BNORM_CHANNEL_BLOCKS", "1")
+    assert numba_cpu._run_block_bytes() == budget
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    monkeypatch.setenv("BNORM_CHANNEL_BLOCKS", "0")
+    assert numba_cpu._run_block_bytes() == 0
+    monkeypatch.setenv("BNORM_CHANNEL_BLOCKS", "yes")
+    with pytest.raises(ValueError, match="BNORM_CHANNEL_BLOCKS must be 0 or 1, got 'yes'"):
+        numba_cpu._run_block_bytes()
+    monkeypatch.delenv("BNORM_CHANNEL_BLOCKS")
+    info.unlink()  # not Linux: the vendor is unknown
+    assert numba_cpu._run_block_bytes() == 0
+
+
+def test_run_blocks_and_two_pass_loops_agree(threading_mode, monkeypatch):
+    """The same training step with the run family's blocks and without: the kernels get the
+    budget RUN_BLOCK_BYTES holds at the call, and both ways agree within float32 rounding (the
+    sums are the same runs', added in another order across threads)."""
+    seen = []
+
+    def recording(kernel):
+        def call(*args):
+            seen.append(args[-2])  # run_bytes, just before the pool's address
+            return kernel(*args)
+
+        return call
+
+    for name in ("train_forward_f32", "train_backward_f32"):
+        monkeypatch.setattr(numba_cpu.loops, name, recording(getattr(numba_cpu.loops, name)))
+    c = BLOCKED[1]
+    x = _x(BLOCKED, False, dtype=torch.float32, offset=1e3, seed=51)
+    dy = _x(BLOCKED, False, dtype=torch.float32, seed=52)
+    w, b = torch.rand(c) + 0.5, torch.randn(c)
+    results = []
+    budget = numba_cpu.loops.BLOCK_BYTES
+    for run_bytes in (budget, 0):
+        monkeypatch.setattr(numba_cpu, "RUN_BLOCK_BYTES", run_bytes)
+        rm, rv = torch.zeros(c), torch.ones(c)
+        y, stats, finite = numba_cpu.train_forward(x, w, b, rm, rv, None, 0.1, 1e-5)
+        assert finite
+        grads = numba_cpu.train_backward(dy, x, stats, w, b, (True, True, True))
+        results.append((y, stats, rm, rv, *grads))
+    assert seen == [budget, budget, 0, 0]
+    for blocked, two_pass in zip(*results, strict=True):
+        assert_close(two_pass, blocked, atol=1e-6, rtol=1e-5, what="outputs")
 
 
 def _first_values(shape: tuple[int, ...]) -> tuple:

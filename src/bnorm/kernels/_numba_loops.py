@@ -1178,7 +1178,10 @@ def _grad_coefficients(mean, invstd, w, has_w, sum_dy, sum_dy_xmu, n, like, dire
 # statistics are those of the two-pass loops; only the re-summing around the mean (far shifts)
 # is decided per block instead of for the whole tensor. They run serially or on torch's pool;
 # on numba's pool (the fallback) the two-pass loops run instead: a prange loop of its own in
-# each entry point cost 9 s more of compilation at the first call, measured.
+# each entry point cost 9 s more of compilation at the first call, measured. Whether runs take
+# blocks at all is the caller's choice (``run_bytes``, 0 for none): they paid off on the Intel
+# machines and lost on the AMD ones, where the two-pass loops' long sequential streams ran
+# faster than a block's samples one after the other (see numba_cpu.RUN_BLOCK_BYTES).
 #
 # Wide blocks: runs shorter than RUN_MIN in a batch of at most WIDE_MAX_SAMPLES samples (say
 # (8, 32768) or (2, 8192, 4, 4)). There the per-channel work is the cost, and the column family
@@ -1203,9 +1206,12 @@ def _grad_coefficients(mean, invstd, w, has_w, sum_dy, sum_dy_xmu, n, like, dire
 # 1.42x; (2, 8192, 4, 4) 1.26x, 1.47x and 1.64x; the default bench shapes 0.91-1.03x (noise).
 
 #: bytes a channel block may hold in the arrays it reads twice (x; dy and x in backward): half
-#: the 2 MB per-core L2 of the machines measured, leaving room for the output. (Measured on
-#: 64x64x28x28 float32, forward on 2 threads: blocks of 2 channels, 400 KB, 908 us; 4, 819 us;
-#: 8, 844 us; the two-pass loops 1213 us.)
+#: the 2 MB per-core L2 of the Intel machines measured, leaving room for the output. (Measured
+#: there on 64x64x28x28 float32, forward on 2 threads: blocks of 2 channels, 400 KB, 908 us; 4,
+#: 819 us; 8, 844 us; the two-pass loops 1213 us.) Wide blocks always take this budget; the run
+#: family's blocks take the one the caller passes (``run_bytes``), because they pay off on some
+#: processors only: on the AMD machines (Zen 4, 1 MB L2 per core, 32 MB L3) the two-pass loops
+#: were faster at every budget tried (numba_cpu.RUN_BLOCK_BYTES chooses, per processor).
 BLOCK_BYTES = 1 << 20
 #: the blocked passes split channels between threads, so they need a few channels per thread
 #: for balance (the two-pass loops split the values)
@@ -1227,17 +1233,19 @@ WIDE_MAX_SAMPLES = 128
 
 
 @njit(**_OPTS)
-def channel_block(A, C, B, itemsize, arrays, nthreads):
+def channel_block(A, C, B, itemsize, arrays, nthreads, run_bytes):
     """The most channels per block of the blocked passes over ``arrays`` arrays of
     ``itemsize``-byte values, or 0 where they do not apply: fewer than ``BLOCK_MIN_CHANNELS``
-    channels per thread, one channel alone larger than ``BLOCK_BYTES``, or spatial runs
-    shorter than ``RUN_MIN`` in a batch of more than ``WIDE_MAX_SAMPLES`` samples (the column
-    family). Short runs in smaller batches take *wide* blocks of at most ``WIDE_COLS`` values
-    per sample."""
+    channels per thread, one channel alone larger than the budget, or spatial runs shorter
+    than ``RUN_MIN`` in a batch of more than ``WIDE_MAX_SAMPLES`` samples (the column family).
+    Short runs in smaller batches take *wide* blocks of at most ``WIDE_COLS`` values per sample
+    and ``BLOCK_BYTES``; runs of ``RUN_MIN`` values and more take blocks of at most
+    ``run_bytes`` (0: none, the two-pass loops run)."""
     per_channel = A * B * itemsize * arrays
-    if C < BLOCK_MIN_CHANNELS * nthreads or per_channel > BLOCK_BYTES:
+    budget = BLOCK_BYTES if B < RUN_MIN else run_bytes
+    if C < BLOCK_MIN_CHANNELS * nthreads or per_channel > budget:
         return 0
-    cb = BLOCK_BYTES // per_channel
+    cb = budget // per_channel
     if B < RUN_MIN:
         if A > WIDE_MAX_SAMPLES:
             return 0
@@ -1463,7 +1471,7 @@ def _reduction_plan(A, C, B, itemsize, arrays, nthreads):
     statistics and ``y``, 2 for the backward's): :func:`plan`'s, or ``(-cb, 0)`` where the
     fused passes take wide blocks of ``cb`` channels (the two-pass loops then do too: threads
     split the channels, and no per-column array is made)."""
-    cb = channel_block(A, C, B, itemsize, arrays, nthreads)
+    cb = channel_block(A, C, B, itemsize, arrays, nthreads, 0)
     if cb > 0 and B < RUN_MIN:
         return -cb, 0
     return plan(A, C, B)
@@ -1560,10 +1568,12 @@ def _eval_blocks(x1, y1, A, C, B, cb, rm, rv, w, b, has_w, has_b, eps, lo, hi):
 
 
 @njit(**_INLINE)
-def _train_forward(x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, stats, nthreads, omp):
+def _train_forward(
+    x1, y1, A, C, B, w, b, rm, rv, nbt, flags, momentum, eps, stats, nthreads, run_bytes, omp
+):
     has_w = (flags & 1) != 0
     has_b = (flags & 2) != 0
-    cb = channel_block(A, C, B, x1.itemsize, 1, nthreads)
+    cb = channel_block(A, C, B, x1.itemsize, 1, nthreads, run_bytes)
     if cb > 0 and (nthreads == 1 or omp.size):
         # the blocks leave the variance in stats[1]; once every block is known finite, each
         # thread moves its channels' running statistics and turns their variance into invstd
@@ -1652,7 +1662,7 @@ def _finish_forward(stats, rm, rv, flags, rate, eps, finite, n, like, lo, hi):
 
 @njit(**_INLINE)
 def _eval_forward(x1, y1, A, C, B, rm, rv, w, b, flags, eps, nthreads, omp):
-    cb = channel_block(A, C, B, x1.itemsize, 1, nthreads)
+    cb = channel_block(A, C, B, x1.itemsize, 1, nthreads, 0)  # wide blocks only
     if cb > 0 and B < RUN_MIN and (nthreads == 1 or omp.size):
         # wide data: threads split the channels, and each block makes its own coefficients
         # (those of the whole tensor, expanded per column, would cost as much as the data)
@@ -1675,9 +1685,9 @@ def _eval_forward(x1, y1, A, C, B, rm, rv, w, b, flags, eps, nthreads, omp):
 
 
 @njit(**_INLINE)
-def _train_backward(g1, x1, A, C, B, stats, w, flags, d1, dw, db, nthreads, omp):
+def _train_backward(g1, x1, A, C, B, stats, w, flags, d1, dw, db, nthreads, run_bytes, omp):
     has_w = (flags & 1) != 0
-    cb = channel_block(A, C, B, x1.itemsize, 2, nthreads)
+    cb = channel_block(A, C, B, x1.itemsize, 2, nthreads, run_bytes)
     if cb > 0 and (nthreads == 1 or omp.size):
         if nthreads == 1:
             _backward_blocks(g1, x1, d1, A, C, B, cb, stats, w, has_w, flags, dw, db, _ZERO, C)
@@ -1734,13 +1744,15 @@ def _eval_backward(g1, x1, A, C, B, rm, rv, w, flags, eps, d1, dw, db, nthreads,
 # --- entry points --------------------------------------------------------------------------------
 # flags of train_forward: 1 weight, 2 bias, 4 running statistics, 8 num_batches_tracked,
 # 16 cumulative average (momentum=None); of eval_forward: 1 weight, 2 bias; of train_backward
-# and eval_backward: 1 weight, 2 want dweight, 4 want dbias, 8 want dx.
+# and eval_backward: 1 weight, 2 want dweight, 4 want dbias, 8 want dx. run_bytes of the
+# training passes: the run family's channel-block budget (channel_block; 0: the two-pass loops).
 
 
 @njit(**_PARALLEL)
 def train_forward_f32(
-    px, py, A, C, B, pw, pb, prm, prv, pnbt, flags, momentum, eps, pstats, nthreads, pomp
-):
+    px, py, A, C, B, pw, pb, prm, prv, pnbt, flags, momentum, eps, pstats, nthreads, run_bytes,
+    pomp
+):  # fmt: skip
     """Training forward: statistics, running-statistics update, ``y``; returns ``finite``.
 
     ``stats`` (float64, (2, C)) receives the batch mean and ``1/sqrt(var + eps)``. A non-finite
@@ -1751,21 +1763,22 @@ def train_forward_f32(
         carray(_f32(px), n), carray(_f32(py), n), A, C, B,
         carray(_f32(pw), C), carray(_f32(pb), C), carray(_f32(prm), C), carray(_f32(prv), C),
         carray(_i64(pnbt), 1), flags, momentum, eps, carray(_f64(pstats), (2, C)), nthreads,
-        _table(pomp),
+        run_bytes, _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
 def train_forward_f64(
-    px, py, A, C, B, pw, pb, prm, prv, pnbt, flags, momentum, eps, pstats, nthreads, pomp
-):
+    px, py, A, C, B, pw, pb, prm, prv, pnbt, flags, momentum, eps, pstats, nthreads, run_bytes,
+    pomp
+):  # fmt: skip
     """:func:`train_forward_f32` for float64 data."""
     n = A * C * B
     return _train_forward(
         carray(_f64(px), n), carray(_f64(py), n), A, C, B,
         carray(_f64(pw), C), carray(_f64(pb), C), carray(_f64(prm), C), carray(_f64(prv), C),
         carray(_i64(pnbt), 1), flags, momentum, eps, carray(_f64(pstats), (2, C)), nthreads,
-        _table(pomp),
+        run_bytes, _table(pomp),
     )  # fmt: skip
 
 
@@ -1792,26 +1805,30 @@ def eval_forward_f64(px, py, A, C, B, prm, prv, pw, pb, flags, eps, nthreads, po
 
 
 @njit(**_PARALLEL)
-def train_backward_f32(pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthreads, pomp):
+def train_backward_f32(
+    pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthreads, run_bytes, pomp
+):
     """Backward of training-mode batch norm: both reductions, then ``dx`` (if asked), in one
     call; ``dweight``/``dbias`` are written in the data's dtype."""
     n = A * C * B
     _train_backward(
         carray(_f32(pdy), n), carray(_f32(px), n), A, C, B, carray(_f64(pstats), (2, C)),
         carray(_f32(pw), C), flags, carray(_f32(pdx), n), carray(_f32(pdw), C),
-        carray(_f32(pdb), C), nthreads,
+        carray(_f32(pdb), C), nthreads, run_bytes,
         _table(pomp),
     )  # fmt: skip
 
 
 @njit(**_PARALLEL)
-def train_backward_f64(pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthreads, pomp):
+def train_backward_f64(
+    pdy, px, A, C, B, pstats, pw, flags, pdx, pdw, pdb, nthreads, run_bytes, pomp
+):
     """:func:`train_backward_f32` for float64 data."""
     n = A * C * B
     _train_backward(
         carray(_f64(pdy), n), carray(_f64(px), n), A, C, B, carray(_f64(pstats), (2, C)),
         carray(_f64(pw), C), flags, carray(_f64(pdx), n), carray(_f64(pdw), C),
-        carray(_f64(pdb), C), nthreads,
+        carray(_f64(pdb), C), nthreads, run_bytes,
         _table(pomp),
     )  # fmt: skip
 
