@@ -30,7 +30,7 @@ def test_info(capsys):
     assert any(pool in text for pool in pools)
 
 
-@pytest.mark.parametrize("run_bytes,state", [(1 << 20, "on"), (0, "off (two-pass loops)")])
+@pytest.mark.parametrize("run_bytes,state", [(1 << 20, "on"), (0, "off, the two-pass loops run")])
 def test_info_says_whether_the_training_passes_take_channel_blocks(
     run_bytes, state, capsys, monkeypatch
 ):

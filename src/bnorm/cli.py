@@ -23,8 +23,8 @@ def _info(args: argparse.Namespace) -> int:
     if kernels.numba_cpu is not None:
         nc = kernels.numba_cpu
         print(f"numba {version('numba')}: kernels on {nc.thread_pool()}")
-        blocks = "on" if nc.RUN_BLOCK_BYTES else "off (two-pass loops)"
-        print(f"channel blocks of the training passes: {blocks} (BNORM_CHANNEL_BLOCKS)")
+        blocks = "on" if nc.RUN_BLOCK_BYTES else "off, the two-pass loops run"
+        print(f"channel blocks of the training passes: {blocks} (BNORM_CHANNEL_BLOCKS=1/0 chooses)")
     return 0
 
 
@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     bench.add_parser(sub)
     lab_cli.add_parser(sub)
-    info = sub.add_parser("info", help="versions, threads and kernel backends of this install")
+    info = sub.add_parser(
+        "info",
+        help="versions, threads, kernel backends and kernel settings of this install",
+    )
     info.set_defaults(func=_info)
     return parser
 

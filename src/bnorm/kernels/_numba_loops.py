@@ -25,7 +25,9 @@ dtype, while statistics, sums and the arguments of the four-step kernels are flo
 
 *Channel blocks*: the training forward and backward of runs-family data with a few channels
 per thread fuse their two passes per block of channels that fits in a core's cache (see
-:func:`channel_block`), so the second read of x (and dy) comes from cache, not memory. Short
+:func:`channel_block`), so the second read of x (and dy) comes from cache, not memory, where
+the caller gives them a budget (``run_bytes``: on Intel processors; on AMD's the two-pass loops
+were faster, see ``numba_cpu.RUN_BLOCK_BYTES``). Short
 runs in a small batch (at most ``WIDE_MAX_SAMPLES`` samples: many channels, few values each)
 take *wide* blocks, in evaluation too: the rows of the column family would be few and their
 per-column arrays as large as the data, while a block's segment of each sample is contiguous
