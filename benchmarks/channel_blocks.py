@@ -6,7 +6,9 @@ fuse their two reads of x (and of dy and x in the backward) per block of channel
 the processor, so bnorm picks per vendor (``kernels.numba_cpu.RUN_BLOCK_BYTES``: blocks on Intel
 processors, two passes elsewhere). This script measures the choice on the machine it runs on: the
 same layer's forward+backward with blocks and without, and torch's, alternating in one process
-(the setting is read at every call), and prints the median of the round-by-round ratios.
+(the setting is read at every call), timed as ``bnorm bench`` times its cases (its round-robin
+with rotating order, untimed first call and samples of about 5 ms), and prints the median of the
+round-by-round ratios.
 
 Run: python benchmarks/channel_blocks.py [--shape 64x64x28x28 ...] [--rounds 61] [--threads 2]
 """
@@ -15,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 import bnorm
+from bnorm.bench import _alternate, _median_ratio
 from bnorm.kernels import numba_cpu
 
 DEFAULT_SHAPES = ("32x32x16x16", "32x256x14x14", "64x128x256", "64x64x28x28", "128x64x56x56")
@@ -33,13 +35,6 @@ def _step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor, blocks: int
         layer(x).backward(dy)
 
     return step
-
-
-def _seconds(fn: Callable, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
 
 
 def measure(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
@@ -57,27 +52,13 @@ def measure(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
     }
     before = numba_cpu.RUN_BLOCK_BYTES
     try:
-        for fn in fns.values():  # warm-up: compiled code, caches, the allocator's reuse
-            for _ in range(3):
-                fn()
-        # each sample is one untimed call, then a run of at least 3 calls lasting about 5 ms
-        calls = max(3, int(5e-3 / _seconds(fns["blocks"], 3)))
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        names = list(fns)
-        for r in range(rounds):
-            for name in names[r % 3 :] + names[: r % 3]:  # the order rotates every round
-                fns[name]()
-                times[name].append(_seconds(fns[name], calls))
+        times = _alternate(fns, rounds)
     finally:
         numba_cpu.RUN_BLOCK_BYTES = before
-
-    def ratio(a: str, b: str) -> float:
-        return statistics.median(p / q for p, q in zip(times[a], times[b], strict=True))
-
     row = {f"{name}_ms": statistics.median(t) * 1e3 for name, t in times.items()}
-    row["two_pass_over_blocks"] = ratio("two_pass", "blocks")
-    row["torch_over_blocks"] = ratio("torch", "blocks")
-    row["torch_over_two_pass"] = ratio("torch", "two_pass")
+    row["two_pass_over_blocks"] = _median_ratio(times["two_pass"], times["blocks"])
+    row["torch_over_blocks"] = _median_ratio(times["torch"], times["blocks"])
+    row["torch_over_two_pass"] = _median_ratio(times["torch"], times["two_pass"])
     return row
 
 

@@ -90,9 +90,6 @@ QUICK_CASES = [
 ]
 
 
-#: /proc/cpuinfo's vendor_id -> the name used in results files
-
-
 def cpu_model() -> str:
     """The processor's model name, e.g. ``AMD EPYC`` (``platform.processor()`` off Linux)."""
     return _platform.cpuinfo("model name") or platform.processor() or "unknown"

@@ -49,14 +49,8 @@ SHAPES = [
 def run_blocks(monkeypatch):
     """The run family's channel blocks on, whatever this processor's default (RUN_BLOCK_BYTES):
     the shapes above are chosen to reach them; the two-pass loops are forced where a test says
-    so (``two_pass``)."""
+    so (the "two-pass" case of GEOMETRIES, and the tests that set the budget themselves)."""
     monkeypatch.setattr(numba_cpu, "RUN_BLOCK_BYTES", numba_cpu.loops.BLOCK_BYTES)
-
-
-@pytest.fixture
-def two_pass(monkeypatch):
-    """The run family without channel blocks, as on processors where they do not pay off."""
-    monkeypatch.setattr(numba_cpu, "RUN_BLOCK_BYTES", 0)
 
 
 @pytest.fixture(params=["serial", "threads1", "threads2", "threads2-numba-pool"])

@@ -80,12 +80,13 @@ def _run_block_bytes() -> int:
     """The run family's channel-block budget: ``BNORM_CHANNEL_BLOCKS=1`` (blocks) or ``0``
     (the two-pass loops) if set, else blocks on Intel processors only.
 
-    Measured (training step forward+backward, float32, 2 threads, this code with and without
-    blocks alternating in one process): on the Intel machines (2 MB L2 per core) the blocks made
-    the 12 MB NCHW forward 1.33 -> 1.19 ms and the backward 1.81 -> 1.48 ms; on the AMD machines
-    (Zen 4, 1 MB L2 per core, 32 MB L3) the step without them took 0.65-0.87x the time on 12 MB,
-    0.79-0.92x on 6 and 8 MB, 0.89-0.92x on 1 MB and 1.0x on 98 MB, and no budget tried (256 KB,
-    1 MB, 4 MB) won there. Other processors are unmeasured and take the two-pass loops.
+    Measured (float32, 2 threads): on the Intel machines (2 MB L2 per core) the blocks made the
+    12 MB NCHW forward 1.33 -> 1.19 ms and the backward 1.81 -> 1.48 ms. On the AMD machines
+    (Zen 4, 1 MB L2 per core, 32 MB L3) the training step without them took 0.84-0.96x the time
+    on 12 MB NCHW, 0.78-0.86x on 6 MB, 0.76-0.96x on (N, C, L) 8 MB, 0.92-0.94x on 1 MB and 1.00x
+    on 98 MB (``benchmarks/channel_blocks.py``: both alternating in one process, three runs), and
+    blocks of 256 KB or 4 MB did not do better overall. Other processors are unmeasured and take
+    the two-pass loops.
     """
     env = os.environ.get("BNORM_CHANNEL_BLOCKS")
     if env is not None:
