@@ -30,7 +30,10 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
     nc = bnorm.kernels.numba_cpu
     blocks = "n/a" if nc is None else ("on" if nc.RUN_BLOCK_BYTES else "off")
     assert {r["channel_blocks"] for r in rows} == {blocks}
-    assert f"channel blocks {blocks};" in out
+    entry = bnorm.kernels.cxx_eval.status()  # the bench waited for it: ready, off or why not
+    assert entry not in ("not started", "building")
+    assert {r["cxx_eval"] for r in rows} == {entry}
+    assert f"channel blocks {blocks}, compiled evaluation entry {entry};" in out
     for row in rows[:2]:
         for key in (
             "train_torch_over_bnorm",

@@ -41,6 +41,16 @@ def test_info_says_whether_the_training_passes_take_channel_blocks(
     assert f"channel blocks of the training passes: {state}" in capsys.readouterr().out
 
 
+def test_info_says_whether_evaluation_has_its_compiled_entry(capsys):
+    from bnorm.kernels import cxx_eval
+
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    status = cxx_eval.status()  # info waited for it
+    assert f"compiled evaluation entry: {status} (BNORM_CXX_EVAL=0 switches it off)" in text
+    assert (f"cached at {cxx_eval.cache_path()}" in text) == (status == "ready")
+
+
 def test_console_script_runs_as_a_module():
     done = subprocess.run(
         [sys.executable, "-m", "bnorm", "--version"], capture_output=True, text=True, check=True

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import bnorm
 from bnorm import _platform
+from bnorm.kernels import cxx_eval
 
 __all__ = [
     "DEFAULT_CASES",
@@ -232,6 +233,7 @@ def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable
 
 def measure_case(case: Case, reps: int, compile: bool = False) -> dict[str, float | str]:
     """One row of the table: medians (ms) and median round-by-round ratios for ``case``."""
+    cxx_eval.wait()  # bnorm's compiled evaluation entry in place, as in any longer-running process
     ours, theirs = _layers(case)
     x = _input(case)
     xg = x.clone().requires_grad_()
@@ -566,6 +568,7 @@ def _main(args: argparse.Namespace) -> int:
     cases = args.case or (QUICK_CASES if args.quick else DEFAULT_CASES)
     if args.no_buffer_cache:
         bnorm.set_buffer_cache(0)
+    cxx_eval.wait()  # built (or found unavailable) once here, not by every case's process
     load_before = _load()
     rows, folding = run(
         cases,
@@ -582,7 +585,7 @@ def _main(args: argparse.Namespace) -> int:
         f"{torch.get_num_threads()} threads, float32, median of {reps} alternating rounds, "
         f"{'one process' if args.one_process else 'a fresh process per case'}, "
         f"output buffer cache {'off' if args.no_buffer_cache else 'on'}, "
-        f"channel blocks {_channel_blocks()}; "
+        f"channel blocks {_channel_blocks()}, compiled evaluation entry {cxx_eval.status()}; "
         f"1-min load average before/after: {load} (other processes skew absolute times; "
         "threads waiting on busy cores skew multi-threaded ones most)"
     )
@@ -611,6 +614,7 @@ def _main(args: argparse.Namespace) -> int:
         "reps": reps,
         "buffer_cache": "off" if args.no_buffer_cache else "on",
         "channel_blocks": _channel_blocks(),
+        "cxx_eval": cxx_eval.status(),
         "load_before_after": load,
     }
     with path.open("w", newline="") as f:

@@ -25,6 +25,11 @@ def _info(args: argparse.Namespace) -> int:
         print(f"numba {version('numba')}: kernels on {nc.thread_pool()}")
         blocks = "on" if nc.RUN_BLOCK_BYTES else "off, the two-pass loops run"
         print(f"channel blocks of the training passes: {blocks} (BNORM_CHANNEL_BLOCKS=1/0 chooses)")
+    # building it takes up to half a minute the first time; later processes load it from disk
+    status = kernels.cxx_eval.wait()
+    print(f"compiled evaluation entry: {status} (BNORM_CXX_EVAL=0 switches it off)")
+    if status == "ready":
+        print(f"  cached at {kernels.cxx_eval.cache_path()}")
     return 0
 
 

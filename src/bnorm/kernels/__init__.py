@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import torch_ops
+from . import cxx_eval, torch_ops
 
 __all__ = ["BACKENDS", "Backend", "as_supported_layout", "select_backend", "use_backend"]
 
@@ -87,10 +87,12 @@ def use_backend(name: str) -> Iterator[Backend]:
     if name not in BACKENDS:
         raise ValueError(f"unknown batch-norm backend {name!r}; known: {sorted(BACKENDS)}")
     previous, _forced = _forced, BACKENDS[name]
+    cxx_eval.suspend()  # the layers' compiled evaluation entry is numba's kernel
     try:
         yield _forced
     finally:
         _forced = previous
+        cxx_eval.resume()
 
 
 def as_supported_layout(x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..functional import batch_norm_unchecked, fused_eval, fused_forward
+from ..kernels import cxx_eval
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -178,14 +179,30 @@ class _BatchNormBase:
                     self._layer_name,
                 )
             else:  # evaluation: the running statistics normalize, nothing is updated
-                y = fused_eval(
-                    input,
-                    params.get("weight"),
-                    params.get("bias"),
-                    running_mean,
-                    buffers.get("running_var"),
-                    self.eps,
-                )
+                # the compiled entry first (kernels/cxx_eval.py): the same kernel without the
+                # Python around it; None where it is not built (yet) or the case is not its
+                compiled = cxx_eval.eval_forward
+                y = None
+                if compiled is not None:
+                    y = compiled(
+                        input,
+                        params.get("weight"),
+                        params.get("bias"),
+                        running_mean,
+                        buffers.get("running_var"),
+                        self.eps,
+                    )
+                elif not cxx_eval.started:
+                    cxx_eval.start()
+                if y is None:
+                    y = fused_eval(
+                        input,
+                        params.get("weight"),
+                        params.get("bias"),
+                        running_mean,
+                        buffers.get("running_var"),
+                        self.eps,
+                    )
             if y is not None:
                 return y
         fallback = self._uses_running_stats_for(input)
