@@ -171,11 +171,16 @@ def cache_path() -> Path:
     return _cache_dir() / f"_cxx_eval-{key.hexdigest()[:16]}{suffix}"
 
 
+def _cxx() -> list[str]:
+    """The C++ compiler's command: ``$CXX`` (split as a shell would), else ``c++``."""
+    return shlex.split(os.environ.get("CXX", "") or "c++")
+
+
 def _compile_command(out: Path) -> list[str]:
     """The compiler call that builds the extension into ``out``."""
     root = _torch_dir()
     lib = root / "lib"
-    cxx = shlex.split(os.environ.get("CXX", "") or "c++")
+    cxx = _cxx()
     abi = int(bool(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", True)))
     return [
         *cxx, "-O2", "-std=c++20", "-shared", "-fPIC", "-w",  # -w: torch's headers warn a lot
@@ -189,7 +194,7 @@ def _compile_command(out: Path) -> list[str]:
 
 def _compile(path: Path) -> str | None:
     """Build the extension at ``path``; None if done, else why not."""
-    cxx = shlex.split(os.environ.get("CXX", "") or "c++")
+    cxx = _cxx()
     if not cxx or shutil.which(cxx[0]) is None:
         return f"no C++ compiler ({cxx[0] if cxx else 'CXX is empty'} not found)"
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():

@@ -181,28 +181,16 @@ class _BatchNormBase:
             else:  # evaluation: the running statistics normalize, nothing is updated
                 # the compiled entry first (kernels/cxx_eval.py): the same kernel without the
                 # Python around it; None where it is not built (yet) or the case is not its
+                weight, bias = params.get("weight"), params.get("bias")
+                running_var = buffers.get("running_var")
                 compiled = cxx_eval.eval_forward
                 y = None
                 if compiled is not None:
-                    y = compiled(
-                        input,
-                        params.get("weight"),
-                        params.get("bias"),
-                        running_mean,
-                        buffers.get("running_var"),
-                        self.eps,
-                    )
+                    y = compiled(input, weight, bias, running_mean, running_var, self.eps)
                 elif not cxx_eval.started:
                     cxx_eval.start()
                 if y is None:
-                    y = fused_eval(
-                        input,
-                        params.get("weight"),
-                        params.get("bias"),
-                        running_mean,
-                        buffers.get("running_var"),
-                        self.eps,
-                    )
+                    y = fused_eval(input, weight, bias, running_mean, running_var, self.eps)
             if y is not None:
                 return y
         fallback = self._uses_running_stats_for(input)
