@@ -8,7 +8,7 @@ import math
 import pytest
 
 import bnorm
-from bnorm import _platform, bench
+from bnorm import bench
 from bnorm.cli import main
 
 
@@ -27,13 +27,7 @@ def test_bench_writes_table_and_csv(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [r["shape"] for r in rows] == ["8x3", "2x3x4x4", "8x3x32x32"]
     assert {r["cpu"] for r in rows} == {bench.cpu_model()}
-    nc = bnorm.kernels.numba_cpu
-    blocks = "n/a" if nc is None else ("on" if nc.RUN_BLOCK_BYTES else "off")
-    assert {r["channel_blocks"] for r in rows} == {blocks}
-    entry = bnorm.kernels.cxx_eval.status()  # the bench waited for it: ready, off or why not
-    assert entry not in ("not started", "building")
-    assert {r["cxx_eval"] for r in rows} == {entry}
-    assert f"channel blocks {blocks}, compiled evaluation entry {entry};" in out
+    assert {r["operators"] for r in rows} == {"cpp" if bnorm.ops.EXTENSION else "composite"}
     for row in rows[:2]:
         for key in (
             "train_torch_over_bnorm",
@@ -50,7 +44,7 @@ def test_machine_kind_names_the_processor_vendor(monkeypatch, tmp_path):
     the same kind measure different ratios): read from /proc/cpuinfo, omitted where absent."""
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14\n")
-    monkeypatch.setattr(_platform, "CPUINFO", info)
+    monkeypatch.setattr(bench, "CPUINFO", info)
     assert bench.machine_kind().endswith("core-amd")
     assert bench.cpu_model() == "AMD EPYC 9R14"
     info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")

@@ -13,8 +13,7 @@ Public API (everything else is private):
 - data-parallel: :class:`SyncBatchNorm`, :func:`convert_sync_batchnorm`, :mod:`bnorm.distributed`
 - tools on whole models: :func:`convert`, :func:`fold`, :func:`freeze`/:func:`unfreeze`,
   :func:`precise_bn`
-- the CPU kernels' output buffer cache: :func:`set_buffer_cache`, :func:`empty_buffer_cache`,
-  :func:`buffer_cache_info`
+- the operators (``torch.ops.bnorm.*``) and their Python side: :mod:`bnorm.ops`
 - errors and warnings: :mod:`bnorm.errors`
 - the lab (experiments, report): :mod:`bnorm.lab`, imported on demand (it needs the ``lab`` extra)
 """
@@ -22,14 +21,12 @@ Public API (everything else is private):
 from . import distributed as distributed
 from . import errors as errors
 from . import functional as functional
+from . import ops as ops
 from . import reference as reference
 from . import reference_remedies as reference_remedies
 from .errors import NonFiniteBatchError as NonFiniteBatchError
 from .errors import NonFiniteBatchWarning as NonFiniteBatchWarning
 from .errors import SyncBatchNormError as SyncBatchNormError
-from .kernels.buffers import buffer_cache_info as buffer_cache_info
-from .kernels.buffers import empty_buffer_cache as empty_buffer_cache
-from .kernels.buffers import set_buffer_cache as set_buffer_cache
 from .modules import BNLSTM as BNLSTM
 from .modules import BatchNorm1d as BatchNorm1d
 from .modules import BatchNorm2d as BatchNorm2d

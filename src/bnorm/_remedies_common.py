@@ -16,6 +16,13 @@ def layout_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def as_supported_layout(x: Tensor) -> Tensor:
+    """``x`` itself if contiguous or channels_last(_3d), else a contiguous copy (as torch does)."""
+    if layout_of(x) is torch.contiguous_format and not x.is_contiguous():
+        return x.contiguous()
+    return x
+
+
 def per_channel(v: Tensor, x: Tensor) -> Tensor:
     """A (C,) tensor shaped to broadcast over the channels (dim 1) of ``x``."""
     return v.view((1, -1) + (1,) * (x.dim() - 2))

@@ -41,8 +41,6 @@ from torch import nn
 from tqdm import tqdm
 
 import bnorm
-from bnorm import _platform
-from bnorm.kernels import cxx_eval
 
 __all__ = [
     "DEFAULT_CASES",
@@ -91,9 +89,35 @@ QUICK_CASES = [
 ]
 
 
+#: where the processor is described (a module attribute, so that tests can point it elsewhere)
+CPUINFO = Path("/proc/cpuinfo")
+
+_VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
+
+
+def cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` (e.g. ``"model name"``) in ``/proc/cpuinfo``, or None
+    (not Linux, or no such field)."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == field:
+            return value.strip()
+    return None
+
+
+def cpu_vendor() -> str | None:
+    """``"intel"``, ``"amd"``, another vendor's id in lower case, or None where unknown."""
+    vendor = cpuinfo("vendor_id")
+    return None if vendor is None else _VENDORS.get(vendor, vendor.lower())
+
+
 def cpu_model() -> str:
     """The processor's model name, e.g. ``AMD EPYC`` (``platform.processor()`` off Linux)."""
-    return _platform.cpuinfo("model name") or platform.processor() or "unknown"
+    return cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def machine_kind() -> str:
@@ -101,7 +125,7 @@ def machine_kind() -> str:
     it because machines of one kind here come with Intel or AMD processors, whose ratios
     differ (torch's kernels and the caches differ as much as bnorm's loops do)."""
     kind = f"{platform.machine()}-{os.cpu_count()}core"
-    vendor = _platform.cpu_vendor()
+    vendor = cpu_vendor()
     return kind if vendor is None else f"{kind}-{vendor}"
 
 
@@ -233,7 +257,6 @@ def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable
 
 def measure_case(case: Case, reps: int, compile: bool = False) -> dict[str, float | str]:
     """One row of the table: medians (ms) and median round-by-round ratios for ``case``."""
-    cxx_eval.wait()  # bnorm's compiled evaluation entry in place, as in any longer-running process
     ours, theirs = _layers(case)
     x = _input(case)
     xg = x.clone().requires_grad_()
@@ -476,10 +499,8 @@ def _case_text(case: Case) -> str:
 
 
 def _measure_in_subprocess(case: Case, reps: int, compile: bool) -> dict[str, float | str]:
-    """:func:`measure_case` in a new Python process with this one's settings (threads, the
-    output buffer cache), its row returned as JSON."""
-    from .kernels import buffers
-
+    """:func:`measure_case` in a new Python process with this one's thread count, its row
+    returned as JSON."""
     command = [
         sys.executable,
         "-m",
@@ -487,7 +508,6 @@ def _measure_in_subprocess(case: Case, reps: int, compile: bool) -> dict[str, fl
         _case_text(case),
         str(reps),
         str(torch.get_num_threads()),
-        str(buffers.buffer_cache_info().max_bytes),
         "compile" if compile else "eager",
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -497,10 +517,9 @@ def _measure_in_subprocess(case: Case, reps: int, compile: bool) -> dict[str, fl
 
 
 def _child(argv: Sequence[str]) -> None:
-    """``python -m bnorm.bench CASE REPS THREADS CACHE_BYTES compile|eager``: one row as JSON."""
-    case_text, reps, threads, cache_bytes, mode = argv
+    """``python -m bnorm.bench CASE REPS THREADS compile|eager``: one row as JSON."""
+    case_text, reps, threads, mode = argv
     torch.set_num_threads(int(threads))
-    bnorm.set_buffer_cache(int(cache_bytes))
     row = measure_case(_parse_case(case_text), int(reps), mode == "compile")
     print(json.dumps(row))
 
@@ -529,7 +548,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="fewer, smaller cases (about 1 min)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (slow)")
     p.add_argument("--reps", type=int, default=None, help="pairs per measurement (31; quick 15)")
-    p.add_argument("--threads", type=int, default=None, help="torch (and numba) threads")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument(
         "--case",
         type=_parse_case,
@@ -548,11 +567,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="measure every case in this process (by default each case gets a fresh one)",
     )
-    p.add_argument(
-        "--no-buffer-cache",
-        action="store_true",
-        help="allocate bnorm's outputs with torch.empty, as torch does (no recycled buffers)",
-    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_main)
 
@@ -566,9 +580,6 @@ def _main(args: argparse.Namespace) -> int:
     if reps < 1:
         raise SystemExit("bnorm bench: --reps must be at least 1")
     cases = args.case or (QUICK_CASES if args.quick else DEFAULT_CASES)
-    if args.no_buffer_cache:
-        bnorm.set_buffer_cache(0)
-    cxx_eval.wait()  # built (or found unavailable) once here, not by every case's process
     load_before = _load()
     rows, folding = run(
         cases,
@@ -584,8 +595,7 @@ def _main(args: argparse.Namespace) -> int:
         f"({cpu_model()}), "
         f"{torch.get_num_threads()} threads, float32, median of {reps} alternating rounds, "
         f"{'one process' if args.one_process else 'a fresh process per case'}, "
-        f"output buffer cache {'off' if args.no_buffer_cache else 'on'}, "
-        f"channel blocks {_channel_blocks()}, compiled evaluation entry {cxx_eval.status()}; "
+        f"operators {'C++' if bnorm.ops.EXTENSION else 'composite (extension not built)'}; "
         f"1-min load average before/after: {load} (other processes skew absolute times; "
         "threads waiting on busy cores skew multi-threaded ones most)"
     )
@@ -602,7 +612,6 @@ def _main(args: argparse.Namespace) -> int:
     # the default run (all cores) is the results file; other thread counts are named apart
     threads = torch.get_num_threads()
     suffix = "" if threads == os.cpu_count() else f"-{threads}thread"
-    suffix += "-nocache" if args.no_buffer_cache else ""
     path = args.results_dir / f"{machine_kind()}-torch{version}{suffix}.csv"
     fields = list(dict.fromkeys(k for row in rows for k in row))
     fold_fields = ["fold_model_ms", "fold_folded_ms", "fold_speedup", "fold_max_rel_error"]
@@ -612,9 +621,7 @@ def _main(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "reps": reps,
-        "buffer_cache": "off" if args.no_buffer_cache else "on",
-        "channel_blocks": _channel_blocks(),
-        "cxx_eval": cxx_eval.status(),
+        "operators": "cpp" if bnorm.ops.EXTENSION else "composite",
         "load_before_after": load,
     }
     with path.open("w", newline="") as f:
@@ -629,16 +636,6 @@ def _main(args: argparse.Namespace) -> int:
         )
     print(f"CSV: {path}")
     return 0
-
-
-def _channel_blocks() -> str:
-    """Whether bnorm's training passes take channel blocks here (they depend on the processor:
-    ``kernels.numba_cpu.RUN_BLOCK_BYTES``); the cases' processes inherit the environment that
-    decides it."""
-    nc = bnorm.kernels.numba_cpu
-    if nc is None:
-        return "n/a"
-    return "on" if nc.RUN_BLOCK_BYTES else "off"
 
 
 def _load() -> str:

@@ -6,12 +6,10 @@ import argparse
 import platform
 import sys
 from collections.abc import Sequence
-from importlib.metadata import version
 
 import torch
 
-from . import __version__, bench, demo, kernels
-from .kernels import BACKENDS
+from . import __version__, bench, demo, ops
 from .lab import cli as lab_cli
 
 
@@ -19,17 +17,10 @@ def _info(args: argparse.Namespace) -> int:
     print(f"bnorm {__version__}")
     print(f"python {platform.python_version()} on {platform.machine()}, {platform.system()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
-    print(f"kernel backends: {', '.join(sorted(BACKENDS))}")
-    if kernels.numba_cpu is not None:
-        nc = kernels.numba_cpu
-        print(f"numba {version('numba')}: kernels on {nc.thread_pool()}")
-        blocks = "on" if nc.RUN_BLOCK_BYTES else "off, the two-pass loops run"
-        print(f"channel blocks of the training passes: {blocks} (BNORM_CHANNEL_BLOCKS=1/0 chooses)")
-    # building it takes up to half a minute the first time; later processes load it from disk
-    status = kernels.cxx_eval.wait()
-    print(f"compiled evaluation entry: {status} (BNORM_CXX_EVAL=0 switches it off)")
-    if status == "ready":
-        print(f"  cached at {kernels.cxx_eval.cache_path()}")
+    if ops.EXTENSION:
+        print(f"operators: C++ extension {ops.__name__}._C (torch.ops.bnorm), on torch's thread pool")
+    else:
+        print("operators: composite path (the C++ extension is not built; see the README)")
     return 0
 
 

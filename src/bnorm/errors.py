@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "BatchNormDtypeError",
     "BatchNormShapeError",
+    "ExtensionWarning",
     "NonFiniteBatchError",
     "NonFiniteBatchWarning",
     "SyncBatchNormError",
@@ -40,3 +41,8 @@ class SyncBatchNormError(RuntimeError):
     were before the failed call. The process group should be considered broken afterwards
     (destroy it and restart the job): collectives already posted cannot be withdrawn.
     """
+
+
+class ExtensionWarning(UserWarning):
+    """bnorm's C++ operators are not built; the layers run on the composite path (pure torch
+    ops: the same results, slower). Issued once, at import."""

@@ -33,9 +33,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._remedies_common import layout_of, per_channel, reduce_dims, values_per_channel
+from .. import ops
+from .._remedies_common import (
+    as_supported_layout,
+    layout_of,
+    per_channel,
+    reduce_dims,
+    values_per_channel,
+)
 from ..functional import update_running_stats
-from ..kernels import Backend, as_supported_layout, select_backend, torch_ops
 from .batchnorm import _BatchNormBase
 
 __all__ = ["ACTIVATIONS", "BatchNormAct1d", "BatchNormAct2d", "batch_norm_act_memory_efficient"]
@@ -98,7 +104,7 @@ def affine_act_(
         x.sub_(per_channel(k, x)).mul_(per_channel(scale.to(x.dtype), x))
         x.add_(per_channel(offset.to(x.dtype), x))
     else:  # bf16/fp16: compute in fp32 as the kernels do, then store
-        x.copy_(torch_ops.transform(x, mean, invstd, weight, bias))
+        x.copy_(ops.transform(x, mean, invstd, weight, bias))
     return activation_(x, act, negative_slope, alpha)
 
 
@@ -117,14 +123,13 @@ class _BatchNormActFunction(torch.autograd.Function):
         act,
         negative_slope,
         alpha,
-        backend,
         inplace,
     ):
         if inplace:
             y = affine_act_(x, mean, invstd, weight, bias, act, negative_slope, alpha)
             ctx.mark_dirty(x)
         else:
-            z = backend.transform(x, mean, invstd, weight, bias)
+            z = ops.transform(x, mean, invstd, weight, bias)
             y = activation_(z, act, negative_slope, alpha)
         ctx.save_for_backward(y, weight, bias, invstd)
         ctx.config = (use_batch_stats, act, negative_slope, alpha)
@@ -161,7 +166,7 @@ class _BatchNormActFunction(torch.autograd.Function):
             dx = dx.to(y.dtype)
         dweight = sum_dz_xhat.to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = sum_dz.to(bias.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
 def batch_norm_act_memory_efficient(
@@ -193,10 +198,9 @@ def batch_norm_act_memory_efficient(
             f"requires grad (got one of shape {tuple(x.shape)}); use inplace=False here"
         )
     x = as_supported_layout(x)
-    backend: Backend = select_backend(x)
     if use_batch_stats:
         with torch.no_grad():
-            mean, var = backend.statistics(x.detach())
+            mean, var = ops.statistics(x.detach())
         if running_mean is not None or running_var is not None:
             update_running_stats(
                 running_mean, running_var, mean, var, values_per_channel(x), momentum,
@@ -219,12 +223,11 @@ def batch_norm_act_memory_efficient(
             act,
             negative_slope,
             alpha,
-            backend,
             inplace,
         )
     if inplace:
         return affine_act_(x, mean, invstd, weight, bias, act, negative_slope, alpha)
-    return activation_(backend.transform(x, mean, invstd, weight, bias), act, negative_slope, alpha)
+    return activation_(ops.transform(x, mean, invstd, weight, bias), act, negative_slope, alpha)
 
 
 _ACT_DOC = r"""

@@ -8,14 +8,13 @@ unchanged. What bnorm replaces is the computation and the checks: see :mod:`bnor
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from .. import _checks
-from ..functional import batch_norm_unchecked, fused_eval, fused_forward
-from ..kernels import cxx_eval
+from ..functional import batch_norm_unchecked
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -82,15 +81,15 @@ class _BatchNormBase:
 
     num_features: int
     eps: float
-    momentum: float | None
+    momentum: Optional[float]  # noqa: UP045 (TorchScript reads these annotations)
     affine: bool
     track_running_stats: bool
     training: bool
-    weight: Tensor | None
-    bias: Tensor | None
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
+    weight: Optional[Tensor]  # noqa: UP045
+    bias: Optional[Tensor]  # noqa: UP045
+    running_mean: Optional[Tensor]  # noqa: UP045
+    running_var: Optional[Tensor]  # noqa: UP045
+    num_batches_tracked: Optional[Tensor]  # noqa: UP045
 
     def __init__(
         self,
@@ -154,45 +153,10 @@ class _BatchNormBase:
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        # The common case first, recognized in a few comparisons (see functional.fused_forward);
-        # anything unusual goes through the full checks below.
-        if (
-            type(input) is Tensor  # subclasses take the checked path (their torch_function)
-            and input.dim() in self._ranks
-            and input.shape[1] == self.num_features
-        ):
-            params, buffers = self._parameters, self._buffers
-            running_mean = buffers.get("running_mean")
-            training = self.training
-            if training or running_mean is None:  # normalized by the batch's statistics
-                y = fused_forward(  # positional arguments: see fused_forward
-                    input,
-                    params.get("weight"),
-                    params.get("bias"),
-                    running_mean,
-                    buffers.get("running_var"),
-                    buffers.get("num_batches_tracked"),
-                    training and self.track_running_stats,
-                    self.momentum,
-                    self.eps,
-                    self.on_nonfinite,
-                    self._layer_name,
-                )
-            else:  # evaluation: the running statistics normalize, nothing is updated
-                # the compiled entry first (kernels/cxx_eval.py): the same kernel without the
-                # Python around it; None where it is not built (yet) or the case is not its
-                weight, bias = params.get("weight"), params.get("bias")
-                running_var = buffers.get("running_var")
-                compiled = cxx_eval.eval_forward
-                y = None
-                if compiled is not None:
-                    y = compiled(input, weight, bias, running_mean, running_var, self.eps)
-                elif not cxx_eval.started:
-                    cxx_eval.start()
-                if y is None:
-                    y = fused_eval(input, weight, bias, running_mean, running_var, self.eps)
-            if y is not None:
-                return y
+        if torch.jit.is_scripting():
+            return self._op_forward(input)
+        if isinstance(input, torch.fx.Proxy):  # symbolic tracing: one node, no Python checks
+            return self._op_forward(input)
         fallback = self._uses_running_stats_for(input)
         use_batch_stats = (self.training or self.running_mean is None) and not fallback
         self._check_input(input, use_batch_stats)
@@ -209,6 +173,23 @@ class _BatchNormBase:
             num_batches_tracked=self.num_batches_tracked if update else None,
             on_nonfinite=self.on_nonfinite,
             layer=self._layer_name(),
+        )
+
+    def _op_forward(self, input: Tensor) -> Tensor:
+        """The layer as the one operator ``torch.ops.bnorm.batch_norm`` (TorchScript, FX):
+        torch's rule for which statistics normalize and which are updated."""
+        use_batch_stats = self.training or self.running_mean is None
+        update = self.training and self.track_running_stats
+        return torch.ops.bnorm.batch_norm(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if update or not use_batch_stats else None,
+            self.running_var if update or not use_batch_stats else None,
+            self.num_batches_tracked if update else None,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
         )
 
     def extra_repr(self) -> str:

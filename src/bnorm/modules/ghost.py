@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._remedies_common import values_per_channel
+from .. import ops
+from .._remedies_common import as_supported_layout, values_per_channel
 from ..errors import NonFiniteBatchError, NonFiniteBatchWarning
-from ..functional import _BatchNormFunction, batch_norm_unchecked
-from ..kernels import as_supported_layout, select_backend
+from ..functional import batch_norm_unchecked
 from .batchnorm import _BatchNormBase
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm"]
@@ -71,25 +71,15 @@ def ghost_batch_norm(
             on_nonfinite=on_nonfinite, layer=layer,
         )  # fmt: skip
     x = as_supported_layout(x)
-    backend = select_backend(x)
-    grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
     outputs, means, unbiased = [], [], []
     for chunk in x.split(virtual_batch_size, dim=0):
-        chunk = as_supported_layout(chunk)
-        with torch.no_grad():
-            mean, var = backend.statistics(chunk.detach())
-        invstd = torch.rsqrt(var + eps)
+        # one operator call per chunk (with its own autograd node): γ and β collect their
+        # gradients from all chunks
+        y, mean, var = torch.ops.bnorm.batch_norm_train(chunk, weight, bias, eps)
         count = values_per_channel(chunk)
         means.append(mean)
         unbiased.append(var * (count / (count - 1)))
-        if grad:  # one autograd node per chunk: γ and β collect their gradients from all
-            outputs.append(
-                _BatchNormFunction.apply(chunk, weight, bias, mean, invstd, True, eps, backend)
-            )
-        else:
-            outputs.append(backend.transform(chunk, mean, invstd, weight, bias))
+        outputs.append(y)
     if running_mean is not None and running_var is not None:
         update_running_unbiased(
             running_mean,

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._remedies_common import layout_of, values_per_channel
+from .. import ops
+from .._remedies_common import as_supported_layout, layout_of, values_per_channel
 from ..functional import batch_norm_unchecked, update_running_stats
-from ..kernels import Backend, as_supported_layout, select_backend
 from .batchnorm import _BatchNormBase
 
 __all__ = [
@@ -113,9 +113,8 @@ def batch_renorm(
             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
             on_nonfinite=on_nonfinite, layer=layer,
         )  # fmt: skip
-    backend = select_backend(x)
     with torch.no_grad():
-        mean, var = backend.statistics(x.detach())
+        mean, var = ops.statistics(x.detach())
         sigma = torch.sqrt(running_var.detach().to(torch.float64) + eps)
         invstd = torch.rsqrt(var + eps)
         r = torch.clamp(torch.sqrt(var + eps) / sigma, 1.0 / r_max, r_max)
@@ -128,9 +127,9 @@ def batch_renorm(
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     ):
-        return _BatchRenormFunction.apply(x, weight, bias, mean, invstd, r, d, backend)
+        return _BatchRenormFunction.apply(x, weight, bias, mean, invstd, r, d)
     scale, shift = _affine(weight, bias, r, d)
-    return backend.transform(x, mean, invstd, scale, shift)
+    return ops.transform(x, mean, invstd, scale, shift)
 
 
 def _affine(
@@ -143,33 +142,31 @@ def _affine(
 
 
 class _BatchRenormFunction(torch.autograd.Function):
-    """``y = γ(x̂ r + d) + β`` with r, d constant; backward by the backend's batch-norm kernels."""
+    """``y = γ(x̂ r + d) + β`` with r, d constant; backward by bnorm's batch-norm operators."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, r, d, backend: Backend):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, mean, invstd, r, d):  # type: ignore[override]
         scale, shift = _affine(weight, bias, r, d)
         ctx.save_for_backward(x, weight, bias, mean, invstd, r, d, scale)
-        ctx.backend = backend
-        return backend.transform(x, mean, invstd, scale, shift)
+        return ops.transform(x, mean, invstd, scale, shift)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
         x, weight, bias, mean, invstd, r, d, scale = ctx.saved_tensors
-        backend: Backend = ctx.backend
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy = dy.contiguous(memory_format=layout_of(x))
-        sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, mean)
+        sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean)
         dx = None
         if need_x:
             # x̂·r with r constant: plain batch norm's input gradient with the scale γ·r.
-            dx = backend.backward_elementwise(
+            dx = ops.backward_elementwise(
                 dy, x, mean, invstd, scale, sum_dy, sum_dy_xmu, values_per_channel(x)
             )
         # ∂L/∂γ = Σ dy·(x̂ r + d) = r·Σ dy·x̂ + d·Σ dy;  ∂L/∂β = Σ dy.
         dweight = (r * sum_dy_xmu * invstd + d * sum_dy).to(weight.dtype) if need_w else None
         dbias = sum_dy.to(bias.dtype) if need_b else None
-        return dx, dweight, dbias, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None
 
 
 _RENORM_DOC = r"""

@@ -6,8 +6,9 @@ single process would compute on the batch k·b. Unlike :class:`torch.nn.SyncBatc
 on CPU tensors with the gloo backend (torch's raises "SyncBatchNorm expected input tensor to be
 on GPU ..."), handles ranks with different or empty batches, and turns a dead or out-of-step
 rank into a :class:`~bnorm.distributed.SyncBatchNormError` within a timeout instead of a hang.
-The math and the collectives are in :mod:`bnorm.distributed`; the kernels are the
-:class:`~bnorm.kernels.Backend` of the input, so faster backends speed this layer up too.
+The math and the collectives are in :mod:`bnorm.distributed`; the computation is bnorm's
+step operators (:mod:`bnorm.ops`), with one collective after the statistics and one after the
+backward reductions.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _checks
 from .. import distributed as _dist
-from ..functional import _layout_of, update_running_stats
-from ..kernels import Backend, as_supported_layout, select_backend
+from ..functional import update_running_stats
+from .. import ops
+from .._remedies_common import as_supported_layout, layout_of
 from . import batchnorm as _bn
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -195,10 +197,9 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
         x = as_supported_layout(input)
         channels = x.shape[1]
         count = x.numel() // channels if channels else 0
-        backend = select_backend(x)
         if count > 0:
             with torch.no_grad():
-                mean, var = backend.statistics(x.detach())
+                mean, var = ops.statistics(x.detach())
         else:
             mean = var = torch.zeros(channels, dtype=torch.float64, device=x.device)
         needs_grad = torch.is_grad_enabled() and any(
@@ -245,11 +246,11 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
                 self.bias,
                 merged.mean,
                 invstd,
-                _SyncInfo(backend, merged.count, group, self.timeout, name, tag),
+                _SyncInfo(merged.count, group, self.timeout, name, tag),
             )
         if count == 0:
             return torch.empty_like(x)
-        return backend.transform(x, merged.mean, invstd, self.weight, self.bias)
+        return ops.transform(x, merged.mean, invstd, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -261,12 +262,11 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
 class _SyncInfo:
     """What the backward needs besides tensors (kept out of autograd's argument list)."""
 
-    __slots__ = ("backend", "count", "group", "layer", "tag", "timeout")
+    __slots__ = ("count", "group", "layer", "tag", "timeout")
 
     def __init__(
-        self, backend: Backend, count: int, group, timeout, layer: str, tag: tuple[int, int]
+        self, count: int, group, timeout, layer: str, tag: tuple[int, int]
     ):
-        self.backend = backend
         self.count = count
         self.group = group
         self.timeout = timeout
@@ -285,7 +285,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         ctx.info = info
         if x.numel() == 0:
             return torch.empty_like(x)
-        return info.backend.transform(x, mean, invstd, weight, bias)
+        return ops.transform(x, mean, invstd, weight, bias)
 
     @staticmethod
     @once_differentiable
@@ -295,8 +295,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         channels = x.shape[1]
         if x.numel() > 0:
-            dy = dy.contiguous(memory_format=_layout_of(x))
-            sum_dy, sum_dy_xmu = info.backend.backward_reduce(dy, x, mean)
+            dy = dy.contiguous(memory_format=layout_of(x))
+            sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean)
         else:
             sum_dy = sum_dy_xmu = torch.zeros(channels, dtype=torch.float64, device=x.device)
         # Every rank reaches this collective (agreed in the forward), whatever it needs itself.
@@ -311,7 +311,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dx = None
         if need_x:
             if x.numel() > 0:
-                dx = info.backend.backward_elementwise(
+                dx = ops.backward_elementwise(
                     dy, x, mean, invstd, weight, g_sum_dy, g_sum_dy_xmu, info.count
                 )
             else:

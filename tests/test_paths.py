@@ -1,6 +1,7 @@
-"""The layers' fast paths (bnorm/functional.py: fused_forward, fused_eval, _native_small, the
-fused autograd Functions) give what the checked path gives, keep bnorm's guarantees, and fall
-back correctly."""
+"""The layers' two routes (bnorm/functional.py): the operators (torch.ops.bnorm.*, C++) and the
+composite path (aten ops, taken under torch.compile/export, torch.func and forward-mode AD) give
+the same outputs, gradients and running statistics, and keep bnorm's guarantees on small
+inputs."""
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ from hypothesis import strategies as st
 import bnorm
 from bnorm import functional as F
 from bnorm import reference as ref
-from bnorm.kernels import cxx_eval
-from bnorm.modules import batchnorm as bn_module
+
+_COMPOSITE_WANTED = F._composite_wanted  # the real rule (the tests below patch it)
 
 LAYERS = {2: bnorm.BatchNorm1d, 3: bnorm.BatchNorm1d, 4: bnorm.BatchNorm2d, 5: bnorm.BatchNorm3d}
 
@@ -43,16 +44,13 @@ def _run(layer, x, dy, grad=True):
     training=st.booleans(),
     momentum=st.sampled_from([0.1, 0.5, None]),
     affine=st.booleans(),
-    native=st.booleans(),
     grad=st.booleans(),
 )
-def test_fast_path_equals_checked_path(
-    rank, n, c, spatial, cl, training, momentum, affine, native, grad, monkeypatch
+def test_operators_equal_composite_path(
+    rank, n, c, spatial, cl, training, momentum, affine, grad, monkeypatch
 ):
-    """The same layer state and input through the fast path and through the checked path (the
-    fast path switched off) give the same outputs, gradients and running statistics, with
-    autograd and without (evaluation under ``no_grad`` is the inference case)."""
-    monkeypatch.setattr(F, "NATIVE_MAX_NUMEL", 1 << 30 if native else 0)
+    """The same layer state and input through the operators and through the composite path
+    give the same outputs, gradients and running statistics, with autograd and without."""
     shape = (n, c) + (spatial,) * (rank - 2)
     g = torch.Generator().manual_seed(n * 100 + c * 10 + spatial)
     x = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3
@@ -62,36 +60,21 @@ def test_fast_path_equals_checked_path(
     running_mean = torch.rand(c, generator=g, dtype=torch.float64) * 2 - 1
     running_var = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
     results = []
-    taken = []
+    real = _COMPOSITE_WANTED  # (hypothesis runs every example under one monkeypatch)
+    for composite in (False, True):
+        taken = []
 
-    def spy(real):
-        def call(*args, **kwargs):
-            y = real(*args, **kwargs)
-            taken.append(y is not None)
-            return y
+        def spy(*args, composite=composite):
+            taken.append(real(*args))
+            return composite
 
-        return call
-
-    # (monkeypatch is not undone between hypothesis examples: the real functions come from F
-    # and from the compiled entry, built before the first example)
-    cxx_eval.wait()
-    compiled = cxx_eval._function if not cxx_eval.suspended() else None
-    for fast in (True, False):
-        for name in ("fused_forward", "fused_eval"):  # training and evaluation
-            real = getattr(F, name)
-            monkeypatch.setattr(bn_module, name, spy(real) if fast else lambda *a, **k: None)
-        # evaluation tries the compiled entry first (kernels/cxx_eval.py)
-        entry = spy(compiled) if fast and compiled is not None else None
-        monkeypatch.setattr(cxx_eval, "eval_forward", entry)
+        monkeypatch.setattr(F, "_composite_wanted", spy)
         layer = LAYERS[rank](c, momentum=momentum, affine=affine).double()
         layer.train(training)
         layer.running_mean.copy_(running_mean)
         layer.running_var.copy_(running_var)
         results.append(_run(layer, x, dy, grad))
-    # a fast path did compute the first result (the compiled entry may pass it on to fused_eval)
-    assert taken in ([True], [False, True])
-    if not training and not grad and compiled is not None:
-        assert taken == [True]  # inference: the compiled entry computed it itself
+        assert taken == [False]  # an eager call: the operators, unless forced
     for a, b, what in zip(
         *results, ("y", "dx", "dweight", "running_mean", "running_var"), strict=True
     ):
@@ -102,7 +85,7 @@ def test_fast_path_equals_checked_path(
 
 
 def test_small_training_input_matches_reference_and_torch():
-    """The demo's case: small input with gradients, through torch's native node."""
+    """The demo's case: a small input with gradients."""
     layer = bnorm.BatchNorm1d(50).double()
     twin = torch.nn.BatchNorm1d(50).double()
     for step in range(3):
@@ -135,12 +118,12 @@ def test_small_input_cumulative_average_counts_batches():
 
 @pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
 def test_small_input_far_from_zero_stays_precise(offset):
-    """Where torch's kernel would lose digits, the small-input path hands over to bnorm's."""
+    """Where torch's kernel would lose digits, bnorm's keeps them on small inputs too."""
     layer = bnorm.BatchNorm1d(50)
     x = (torch.randn(32, 50, dtype=torch.float64) + offset).float().requires_grad_()
     y = layer(x)
     assert np.abs(np64(y) - exact_normalize(x)).max() <= 1e-5
-    y.sum().backward()  # the handed-over computation is differentiable too
+    y.sum().backward()
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
     expected = np64(x).mean(axis=0) * 0.1
     assert_close(layer.running_mean, expected, atol=1e-3, rtol=1e-6, what="running_mean")
@@ -168,11 +151,10 @@ def test_small_input_double_backward():
     assert torch.autograd.gradgradcheck(lambda t: layer(t), (x,))
 
 
-@pytest.mark.parametrize("numel", [64, 1 << 16])  # ctx attributes, save_for_backward
-@pytest.mark.parametrize("native", [False, True])  # bnorm's Function, torch's node
-def test_input_modified_in_place_before_backward_raises(numel, native, monkeypatch):
-    monkeypatch.setattr(F, "NATIVE_MAX_NUMEL", 1 << 30 if native else 0)
-    layer = bnorm.BatchNorm1d(4)
+@pytest.mark.parametrize("numel", [64, 1 << 16])
+@pytest.mark.parametrize("training", [True, False])
+def test_input_modified_in_place_before_backward_raises(numel, training):
+    layer = bnorm.BatchNorm1d(4).train(training)
     x = torch.randn(numel // 4, 4, requires_grad=True)
     h = x * 1.0  # a non-leaf we may modify in place
     y = layer(h)
@@ -183,7 +165,7 @@ def test_input_modified_in_place_before_backward_raises(numel, native, monkeypat
 
 @pytest.mark.parametrize("shape,cl", [((7, 3), False), ((4, 3, 5, 2), True), ((3, 4, 70), False)])
 def test_eval_mode_gradients_match_reference(shape, cl):
-    """Evaluation with gradients (frozen statistics, e.g. fine-tuning) is fused too."""
+    """Evaluation with gradients (frozen statistics, e.g. fine-tuning)."""
     c = shape[1]
     layer = bnorm.BatchNorm1d(c) if len(shape) < 4 else bnorm.BatchNorm2d(c)
     layer = layer.double().eval()

@@ -1,0 +1,286 @@
+// The four batch-norm loops (see kernels.h for their contracts).
+//
+// Work is split with at::parallel_for, on PyTorch's own intra-op thread pool, so
+// torch.set_num_threads governs these loops as it governs torch's. Below kGrain values a loop
+// runs on the calling thread: waking the pool costs more than the work.
+//
+// The innermost loops are plain C++ written for the compiler's vectorizer (`omp simd`, enabled
+// by -fopenmp-simd: it allows the reordered float64 reductions without -ffast-math). On x86-64
+// they are compiled twice, for AVX2+FMA and for the baseline, and the processor picks one at
+// load time (GCC's target_clones): the build then runs on any x86-64 and uses AVX2 where it is.
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BNORM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define BNORM_CLONES
+#endif
+
+namespace bnorm::cpu {
+namespace {
+
+constexpr int64_t kGrain = 32768;  // values per task, at least
+constexpr int64_t kColumns = 1024;  // columns per task of the row loops (their sums fit in L1)
+
+// ---- innermost loops -------------------------------------------------------------------------
+// Each is instantiated for float and double through the overload set below; target_clones is put
+// on the non-template overloads, which GCC versions reliably.
+
+template <typename T>
+inline void run_sums_impl(const T* p, int64_t n, double k, double& s1, double& s2) {
+  double a1 = 0.0, a2 = 0.0;
+#pragma omp simd reduction(+ : a1, a2)
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(p[i]) - k;
+    a1 += d;
+    a2 += d * d;
+  }
+  s1 = a1;
+  s2 = a2;
+}
+
+template <typename T>
+inline void row_sums_impl(const T* p, int64_t n, const double* k, double* a1, double* a2) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = static_cast<double>(p[j]) - k[j];
+    a1[j] += d;
+    a2[j] += d * d;
+  }
+}
+
+template <typename T>
+inline void run_affine_impl(const T* x, T* y, int64_t n, T hi, T sc, T of) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - hi) * sc + of;
+}
+
+template <typename T>
+inline void row_affine_impl(const T* x, T* y, int64_t n, const T* hi, const T* sc, const T* of) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] = (x[j] - hi[j]) * sc[j] + of[j];
+}
+
+template <typename T>
+inline void run_grad_sums_impl(const T* dy, const T* x, int64_t n, double m, double& s1,
+                               double& s2) {
+  double a1 = 0.0, a2 = 0.0;
+#pragma omp simd reduction(+ : a1, a2)
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = static_cast<double>(dy[i]);
+    a1 += g;
+    a2 += g * (static_cast<double>(x[i]) - m);
+  }
+  s1 = a1;
+  s2 = a2;
+}
+
+template <typename T>
+inline void row_grad_sums_impl(const T* dy, const T* x, int64_t n, const double* m, double* a1,
+                               double* a2) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const double g = static_cast<double>(dy[j]);
+    a1[j] += g;
+    a2[j] += g * (static_cast<double>(x[j]) - m[j]);
+  }
+}
+
+template <typename T>
+inline void run_grad_impl(const T* dy, const T* x, T* dx, int64_t n, T a, T hi, T b, T k) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * a + (x[i] - hi) * b + k;
+}
+
+template <typename T>
+inline void row_grad_impl(const T* dy, const T* x, T* dx, int64_t n, const T* a, const T* hi,
+                          const T* b, const T* k) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dx[j] = dy[j] * a[j] + (x[j] - hi[j]) * b[j] + k[j];
+}
+
+#define BNORM_OVERLOADS(T)                                                                    \
+  BNORM_CLONES void run_sums(const T* p, int64_t n, double k, double& s1, double& s2) {       \
+    run_sums_impl(p, n, k, s1, s2);                                                           \
+  }                                                                                           \
+  BNORM_CLONES void row_sums(const T* p, int64_t n, const double* k, double* a1, double* a2) { \
+    row_sums_impl(p, n, k, a1, a2);                                                           \
+  }                                                                                           \
+  BNORM_CLONES void run_affine(const T* x, T* y, int64_t n, T hi, T sc, T of) {               \
+    run_affine_impl(x, y, n, hi, sc, of);                                                     \
+  }                                                                                           \
+  BNORM_CLONES void row_affine(const T* x, T* y, int64_t n, const T* hi, const T* sc,         \
+                               const T* of) {                                                 \
+    row_affine_impl(x, y, n, hi, sc, of);                                                     \
+  }                                                                                           \
+  BNORM_CLONES void run_grad_sums(const T* dy, const T* x, int64_t n, double m, double& s1,   \
+                                  double& s2) {                                               \
+    run_grad_sums_impl(dy, x, n, m, s1, s2);                                                  \
+  }                                                                                           \
+  BNORM_CLONES void row_grad_sums(const T* dy, const T* x, int64_t n, const double* m,        \
+                                  double* a1, double* a2) {                                   \
+    row_grad_sums_impl(dy, x, n, m, a1, a2);                                                  \
+  }                                                                                           \
+  BNORM_CLONES void run_grad(const T* dy, const T* x, T* dx, int64_t n, T a, T hi, T b, T k) { \
+    run_grad_impl(dy, x, dx, n, a, hi, b, k);                                                 \
+  }                                                                                           \
+  BNORM_CLONES void row_grad(const T* dy, const T* x, T* dx, int64_t n, const T* a,           \
+                             const T* hi, const T* b, const T* k) {                           \
+    row_grad_impl(dy, x, dx, n, a, hi, b, k);                                                 \
+  }
+
+BNORM_OVERLOADS(float)
+BNORM_OVERLOADS(double)
+#undef BNORM_OVERLOADS
+
+// ---- work splitting --------------------------------------------------------------------------
+
+// Per-channel float64 sums of `term` over every value of the channel, for both geometries.
+// `run(p, len, c, s1, s2)` sums one plane run of channel c; `row(r, c0, len, a1, a2)` adds
+// columns [c0, c0+len) of row r into a1/a2.
+template <typename Run, typename Row>
+void channel_sums(const Geometry& g, double* out1, double* out2, Run run, Row row) {
+  const int64_t C = g.c;
+  if (!g.rows) {
+    // One pair of sums per (sample, channel) run, then added per channel in sample order: the
+    // result does not depend on how the runs were split across threads.
+    const int64_t P = g.n * C;
+    std::vector<double> p1(P), p2(P);
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(g.s, 1));
+    at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) run(p, p % C, p1[p], p2[p]);
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t n = 0; n < g.n; ++n) {
+        s1 += p1[n * C + c];
+        s2 += p2[n * C + c];
+      }
+      out1[c] = s1;
+      out2[c] = s2;
+    }
+    return;
+  }
+  // Rows: tasks are (block of rows) x (block of columns); each block of rows sums into its own
+  // slice, and the slices are added in block order (again independent of the thread count).
+  const int64_t M = g.count();
+  const int64_t col_blocks = (C + kColumns - 1) / kColumns;
+  const int64_t wanted = std::max<int64_t>(1, g.numel() / (4 * kGrain));
+  const int64_t row_blocks =
+      std::clamp<int64_t>(wanted / col_blocks, 1, std::min<int64_t>(M, 64));
+  const int64_t rows_per = (M + row_blocks - 1) / row_blocks;
+  std::vector<double> s1(row_blocks * C, 0.0), s2(row_blocks * C, 0.0);
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t rb = t / col_blocks, cb = t % col_blocks;
+      const int64_t c0 = cb * kColumns, len = std::min(kColumns, C - c0);
+      double* a1 = s1.data() + rb * C + c0;
+      double* a2 = s2.data() + rb * C + c0;
+      const int64_t r_end = std::min(M, (rb + 1) * rows_per);
+      for (int64_t r = rb * rows_per; r < r_end; ++r) row(r, c0, len, a1, a2);
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0.0, b = 0.0;
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+      a += s1[rb * C + c];
+      b += s2[rb * C + c];
+    }
+    out1[c] = a;
+    out2[c] = b;
+  }
+}
+
+// An elementwise pass over both geometries: `run(p, c)` handles plane run p of channel c,
+// `row(r)` handles row r.
+template <typename Run, typename Row>
+void elementwise(const Geometry& g, Run run, Row row) {
+  if (!g.rows) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(g.s, 1));
+    at::parallel_for(0, g.n * g.c, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) run(p, p % g.c);
+    });
+  } else {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(g.c, 1));
+    at::parallel_for(0, g.count(), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) row(r);
+    });
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void statistics(const T* x, const Geometry& g, double* mean, double* var) {
+  const int64_t C = g.c, S = g.s;
+  // The shift: the first value of each channel (a sample of it, so the sums stay small).
+  std::vector<double> k(C);
+  for (int64_t c = 0; c < C; ++c) k[c] = static_cast<double>(g.rows ? x[c] : x[c * S]);
+  std::vector<double> s1(C), s2(C);
+  channel_sums(
+      g, s1.data(), s2.data(),
+      [&](int64_t p, int64_t c, double& a, double& b) { run_sums(x + p * S, S, k[c], a, b); },
+      [&](int64_t r, int64_t c0, int64_t len, double* a, double* b) {
+        row_sums(x + r * C + c0, len, k.data() + c0, a, b);
+      });
+  const double n = static_cast<double>(g.count());
+  for (int64_t c = 0; c < C; ++c) {
+    const double m = s1[c] / n;
+    mean[c] = k[c] + m;
+    var[c] = std::max(s2[c] / n - m * m, 0.0);  // rounding may leave a tiny negative
+  }
+}
+
+template <typename T>
+void transform(const T* x, T* y, const Geometry& g, const T* hi, const T* scale, const T* off) {
+  const int64_t C = g.c, S = g.s;
+  elementwise(
+      g,
+      [&](int64_t p, int64_t c) { run_affine(x + p * S, y + p * S, S, hi[c], scale[c], off[c]); },
+      [&](int64_t r) { row_affine(x + r * C, y + r * C, C, hi, scale, off); });
+}
+
+template <typename T>
+void backward_reduce(const T* dy, const T* x, const Geometry& g, const double* mean,
+                     double* sum_dy, double* sum_dy_xmu) {
+  const int64_t C = g.c, S = g.s;
+  channel_sums(
+      g, sum_dy, sum_dy_xmu,
+      [&](int64_t p, int64_t c, double& a, double& b) {
+        run_grad_sums(dy + p * S, x + p * S, S, mean[c], a, b);
+      },
+      [&](int64_t r, int64_t c0, int64_t len, double* a, double* b) {
+        row_grad_sums(dy + r * C + c0, x + r * C + c0, len, mean + c0, a, b);
+      });
+}
+
+template <typename T>
+void backward_elementwise(const T* dy, const T* x, T* dx, const Geometry& g, const T* a,
+                          const T* hi, const T* b, const T* k) {
+  const int64_t C = g.c, S = g.s;
+  elementwise(
+      g,
+      [&](int64_t p, int64_t c) {
+        run_grad(dy + p * S, x + p * S, dx + p * S, S, a[c], hi[c], b[c], k[c]);
+      },
+      [&](int64_t r) { row_grad(dy + r * C, x + r * C, dx + r * C, C, a, hi, b, k); });
+}
+
+#define BNORM_INSTANTIATE(T)                                                                  \
+  template void statistics<T>(const T*, const Geometry&, double*, double*);                   \
+  template void transform<T>(const T*, T*, const Geometry&, const T*, const T*, const T*);    \
+  template void backward_reduce<T>(const T*, const T*, const Geometry&, const double*,        \
+                                   double*, double*);                                         \
+  template void backward_elementwise<T>(const T*, const T*, T*, const Geometry&, const T*,    \
+                                        const T*, const T*, const T*);
+
+BNORM_INSTANTIATE(float)
+BNORM_INSTANTIATE(double)
+#undef BNORM_INSTANTIATE
+
+}  // namespace bnorm::cpu

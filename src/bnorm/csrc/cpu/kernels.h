@@ -1,0 +1,51 @@
+// Batch-norm loops over raw CPU buffers: the four steps every bnorm operator is built from.
+//
+//   statistics          per-channel mean and biased variance (float64), around a shift
+//   transform           y = (x - hi) * scale + off                (per-channel coefficients)
+//   backward_reduce     per-channel sum(dy) and sum(dy * (x - mean)) (float64)
+//   backward_elementwise dx = dy * a + (x - hi) * b + c           (per-channel coefficients)
+//
+// The operators (../ops.cpp) compute the per-channel coefficients in float64 and round them to
+// the data's type; these loops only stream the data. Two geometries cover every layout bnorm
+// accepts:
+//   planes: a contiguous (N, C, S) tensor, S > 1: N*C runs of S values, one channel each;
+//   rows:   (M, C) rows of C values (channels_last, channels_last_3d, or contiguous with S == 1).
+//
+// Precision: sums are float64, taken on x - k with k one sample of the channel, so data far
+// from zero relative to its spread keeps its digits. The elementwise steps subtract hi = the
+// mean rounded to the data's type first: near the data that subtraction is exact (Sterbenz).
+#pragma once
+
+#include <cstdint>
+
+namespace bnorm::cpu {
+
+struct Geometry {
+  int64_t n = 0;  // batch size N
+  int64_t c = 0;  // channels C
+  int64_t s = 0;  // values per (sample, channel): the product of the spatial sizes
+  bool rows = false;  // true: (N*S, C) rows; false: (N, C, S) planes
+
+  int64_t numel() const { return n * c * s; }
+  int64_t count() const { return n * s; }  // values per channel
+};
+
+// mean[c], var[c] (biased), float64.
+template <typename T>
+void statistics(const T* x, const Geometry& g, double* mean, double* var);
+
+// y = (x - hi[c]) * scale[c] + off[c]; y may alias x.
+template <typename T>
+void transform(const T* x, T* y, const Geometry& g, const T* hi, const T* scale, const T* off);
+
+// sum_dy[c] = sum(dy), sum_dy_xmu[c] = sum(dy * (x - mean[c])), float64.
+template <typename T>
+void backward_reduce(const T* dy, const T* x, const Geometry& g, const double* mean,
+                     double* sum_dy, double* sum_dy_xmu);
+
+// dx = dy * a[c] + (x - hi[c]) * b[c] + k[c]; dx may alias dy.
+template <typename T>
+void backward_elementwise(const T* dy, const T* x, T* dx, const Geometry& g, const T* a,
+                          const T* hi, const T* b, const T* k);
+
+}  // namespace bnorm::cpu
