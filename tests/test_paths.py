@@ -64,7 +64,7 @@ def test_operators_equal_composite_path(
     for composite in (False, True):
         taken = []
 
-        def spy(*args, composite=composite):
+        def spy(*args, composite=composite, taken=taken):
             taken.append(real(*args))
             return composite
 

@@ -18,7 +18,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"python {platform.python_version()} on {platform.machine()}, {platform.system()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
     if ops.EXTENSION:
-        print(f"operators: C++ extension {ops.__name__}._C (torch.ops.bnorm), on torch's thread pool")
+        print("operators: C++ extension bnorm._C (torch.ops.bnorm), on torch's thread pool")
     else:
         print("operators: composite path (the C++ extension is not built; see the README)")
     return 0

@@ -26,13 +26,14 @@ Routes (each gives the same numbers, to 1e-6):
 from __future__ import annotations
 
 import warnings
+
 import torch
 from torch import Tensor
 
 from . import _checks, ops
 from .errors import NonFiniteBatchError, NonFiniteBatchWarning
 
-__all__ = ["batch_norm", "batch_norm_unchecked", "update_running_stats"]
+__all__ = ["batch_norm", "batch_norm_unchecked", "train_forward", "update_running_stats"]
 
 
 def batch_norm(
@@ -179,6 +180,17 @@ def batch_norm_unchecked(
 _ops = torch.ops.bnorm
 
 
+def train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode batch norm of a checked input without the running statistics:
+    ``(y, mean, var)``, the batch's statistics float64 (C,) (var biased). The route is
+    :func:`batch_norm_unchecked`'s: the operator, or the composite path where a tool needs it."""
+    if _composite_wanted(x, weight, bias):
+        return ops.composite_train(x, weight, bias, eps)
+    return _ops.batch_norm_train(x, weight, bias, eps)
+
+
 def _count(x: Tensor) -> int:
     """Values per channel of an (N, C, *) tensor."""
     channels = x.shape[1]
@@ -188,14 +200,12 @@ def _count(x: Tensor) -> int:
 def _composite_wanted(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """Whether this call must take the composite path (aten ops): under torch.compile or
     torch.export (inductor fuses it; exported programs hold aten ops), inside a torch.func
-    transform (vmap/grad wrap the tensors), or with forward-mode AD active."""
-    if torch.compiler.is_compiling() or torch.autograd.forward_ad._current_level >= 0:
-        return True
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    transform (vmap, grad, jvp...), or with forward-mode AD active. (The arguments are the
+    tensors of the call; the rule needs none of them today.)"""
     return (
-        wrapped(x)
-        or (weight is not None and wrapped(weight))
-        or (bias is not None and wrapped(bias))
+        torch.compiler.is_compiling()
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch._C._functorch.peek_interpreter_stack() is not None
     )
 
 
@@ -234,6 +244,11 @@ def update_running_stats(
     """
     if momentum is None and num_batches_tracked is None and count > 0:
         raise ValueError(f"{layer}: momentum=None (cumulative average) needs num_batches_tracked")
+    if _composite_wanted(mean, None, None):  # no Python branch on the data: where() skips it
+        ops.composite_update(
+            running_mean, running_var, num_batches_tracked, mean, var, count, momentum
+        )
+        return
     if (
         count > 0
         and type(mean) is Tensor  # a real tensor (not fake, not a tracer's): it can be read

@@ -172,27 +172,29 @@ def composite_update(
     momentum: float | None,
 ) -> None:
     """``r <- (1 - rate) r + rate * batch`` in float64 (variance unbiased), without Python
-    branches on data: a non-finite batch leaves every buffer as it was through ``where``."""
-    with torch.no_grad():
-        if count == 0:
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-            return
-        mean, var = mean.detach().to(_F64), var.detach().to(_F64)
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
-        if momentum is None:
-            if num_batches_tracked is None:
-                raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-            rate: Tensor | float = 1.0 / (num_batches_tracked.to(_F64) + 1.0)
-        else:
-            rate = float(momentum)
-        unbias = count / (count - 1) if count > 1 else float("inf")
-        for buf, stat in ((running_mean, mean), (running_var, var * unbias)):
-            if buf is not None:
-                old = buf.to(_F64)
-                buf.copy_(torch.where(finite, old * (1 - rate) + stat.view_as(old) * rate, old))
+    branches on data: a non-finite batch leaves every buffer as it was through ``where``.
+
+    Written on detached values rather than under ``no_grad``, so that ``torch.export`` sees
+    plain in-place updates of the buffers (it lifts them as buffer mutations)."""
+    if count == 0:
         if num_batches_tracked is not None:
-            num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
+            num_batches_tracked.add_(1)
+        return
+    mean, var = mean.detach().to(_F64), var.detach().to(_F64)
+    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
+        rate: Tensor | float = 1.0 / (num_batches_tracked.detach().to(_F64) + 1.0)
+    else:
+        rate = float(momentum)
+    unbias = count / (count - 1) if count > 1 else float("inf")
+    for buf, stat in ((running_mean, mean), (running_var, var * unbias)):
+        if buf is not None:
+            old = buf.detach().to(_F64)
+            buf.copy_(torch.where(finite, old * (1 - rate) + stat.view_as(old) * rate, old))
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(finite.to(num_batches_tracked.dtype))
 
 
 def composite_backward(

@@ -8,7 +8,7 @@ unchanged. What bnorm replaces is the computation and the checks: see :mod:`bnor
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -79,18 +79,6 @@ class _BatchNormBase:
     # when it turns a torch layer into a bnorm one.
     _bnorm_defaults: ClassVar[dict[str, object]] = {"on_nonfinite": "warn", "small_batch": "error"}
 
-    num_features: int
-    eps: float
-    momentum: Optional[float]  # noqa: UP045 (TorchScript reads these annotations)
-    affine: bool
-    track_running_stats: bool
-    training: bool
-    weight: Optional[Tensor]  # noqa: UP045
-    bias: Optional[Tensor]  # noqa: UP045
-    running_mean: Optional[Tensor]  # noqa: UP045
-    running_var: Optional[Tensor]  # noqa: UP045
-    num_batches_tracked: Optional[Tensor]  # noqa: UP045
-
     def __init__(
         self,
         num_features: int,
@@ -122,7 +110,10 @@ class _BatchNormBase:
         _checks.check_rank(self._layer_name(), input, self._ranks, self._layout)
 
     def _check_input(self, input: Tensor, use_batch_stats: bool) -> None:
-        """Everything that can be wrong with a call, checked before any state changes."""
+        """Everything that can be wrong with a call, checked before any state changes.
+        (Not under ``torch.jit.trace``, where the checks' comparisons would be traced.)"""
+        if torch.jit.is_tracing():
+            return
         name = self._layer_name()
         _checks.check_tensor(name, input)
         _checks.check_rank(name, input, self._ranks, self._layout)
@@ -155,8 +146,8 @@ class _BatchNormBase:
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return self._op_forward(input)
-        if isinstance(input, torch.fx.Proxy):  # symbolic tracing: one node, no Python checks
-            return self._op_forward(input)
+        if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
+            return self._op_forward(input)  # symbolic tracing, jit.trace: one node, no checks
         fallback = self._uses_running_stats_for(input)
         use_batch_stats = (self.training or self.running_mean is None) and not fallback
         self._check_input(input, use_batch_stats)

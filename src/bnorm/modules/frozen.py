@@ -55,6 +55,10 @@ class _FrozenBatchNormBase(nn.Module):
         return f"{type(self).__name__}({self.num_features})"
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._op_forward(input)
+        if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
+            return self._op_forward(input)  # symbolic tracing, jit.trace: one node, no checks
         name = self._layer_name()
         _checks.check_tensor(name, input)
         _checks.check_rank(name, input, self._ranks, self._layout)
@@ -80,6 +84,12 @@ class _FrozenBatchNormBase(nn.Module):
             momentum=0.0,
             eps=self.eps,
             layer=name,
+        )
+
+    def _op_forward(self, input: Tensor) -> Tensor:
+        """The layer as the one operator ``torch.ops.bnorm.batch_norm_eval`` (TorchScript, FX)."""
+        return torch.ops.bnorm.batch_norm_eval(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.eps
         )
 
     def _load_from_state_dict(

@@ -15,16 +15,13 @@ unbiased variances. With ``virtual_batch_size`` >= the batch, it is batch norm.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import ops
 from .._remedies_common import as_supported_layout, values_per_channel
-from ..errors import NonFiniteBatchError, NonFiniteBatchWarning
-from ..functional import batch_norm_unchecked
+from ..functional import batch_norm_unchecked, train_forward, update_running_stats
 from .batchnorm import _BatchNormBase
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm"]
@@ -75,60 +72,22 @@ def ghost_batch_norm(
     for chunk in x.split(virtual_batch_size, dim=0):
         # one operator call per chunk (with its own autograd node): γ and β collect their
         # gradients from all chunks
-        y, mean, var = torch.ops.bnorm.batch_norm_train(chunk, weight, bias, eps)
+        y, mean, var = train_forward(chunk, weight, bias, eps)
         count = values_per_channel(chunk)
         means.append(mean)
         unbiased.append(var * (count / (count - 1)))
         outputs.append(y)
     if running_mean is not None and running_var is not None:
-        update_running_unbiased(
-            running_mean,
-            running_var,
-            torch.stack(means).mean(0),
-            torch.stack(unbiased).mean(0),
-            momentum,
-            num_batches_tracked,
-            on_nonfinite,
-            layer,
-        )
+        # The running variance moves towards the mean of the chunks' unbiased variances. The
+        # update unbiases a biased variance over `n` values by n/(n-1): hand it that variance
+        # times (n-1)/n, for any n > 1 (the whole batch's count here).
+        n = values_per_channel(x)
+        update_running_stats(
+            running_mean, running_var, torch.stack(means).mean(0),
+            torch.stack(unbiased).mean(0) * ((n - 1) / n), n, momentum, num_batches_tracked,
+            on_nonfinite, layer,
+        )  # fmt: skip
     return torch.cat(outputs, dim=0)
-
-
-def update_running_unbiased(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    unbiased_var: Tensor,
-    momentum: float | None,
-    num_batches_tracked: Tensor | None,
-    on_nonfinite: str,
-    layer: str,
-) -> None:
-    """``running <- (1 - rate) * running + rate * new`` (rate = momentum, or 1/t when None) for
-    an already unbiased variance; a non-finite update is skipped with a warning (or raised),
-    as in :func:`bnorm.functional.update_running_stats`."""
-    if not bool(torch.isfinite(mean).all() and torch.isfinite(unbiased_var).all()):
-        message = (
-            f"{layer}: the training batch holds NaN or Inf; running_mean, running_var and "
-            f"num_batches_tracked were left unchanged (torch would have overwritten them)"
-        )
-        if on_nonfinite == "raise":
-            raise NonFiniteBatchError(message)
-        warnings.warn(message, NonFiniteBatchWarning, stacklevel=4)
-        return
-    if momentum is None:
-        if num_batches_tracked is None:
-            raise ValueError(
-                f"{layer}: momentum=None (cumulative average) needs num_batches_tracked"
-            )
-        rate = 1.0 / (int(num_batches_tracked) + 1)
-    else:
-        rate = float(momentum)
-    with torch.no_grad():
-        running_mean.copy_((1 - rate) * running_mean.to(torch.float64) + rate * mean)
-        running_var.copy_((1 - rate) * running_var.to(torch.float64) + rate * unbiased_var)
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
 
 
 _GHOST_DOC = r"""

@@ -226,7 +226,8 @@ class _BatchRenormBase(_BatchNormBase):
 
     def limits(self, step: int | None = None) -> tuple[float, float]:
         """``(r_max, d_max)`` at ``step`` (default: the next training batch's step)."""
-        if step is None:
+        scheduled = callable(self._r_max) or callable(self._d_max)
+        if step is None and scheduled:  # read the counter only for a schedule (it syncs)
             step = int(self.num_batches_tracked) if self.num_batches_tracked is not None else 0
         r = self._r_max(step) if callable(self._r_max) else self._r_max
         d = self._d_max(step) if callable(self._d_max) else self._d_max

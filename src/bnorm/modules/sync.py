@@ -23,11 +23,10 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import _checks
+from .. import _checks, ops
 from .. import distributed as _dist
-from ..functional import update_running_stats
-from .. import ops
 from .._remedies_common import as_supported_layout, layout_of
+from ..functional import update_running_stats
 from . import batchnorm as _bn
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
