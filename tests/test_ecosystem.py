@@ -300,9 +300,7 @@ def test_forward_mode_ad_gives_the_tangent(name, training):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize(
-    "affine", [True, False], ids=["affine", "plain"]
-)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 def test_gradcheck_forward_ad_and_batched_grad(training, affine):
     """functional.batch_norm: first and second derivatives, forward-mode AD and batched
     gradients (vmap over the backward) all agree with finite differences."""
@@ -455,7 +453,9 @@ def test_converted_resnet_under_each_tool(tool, training):
         y_theirs = theirs(x)
     _close(y_ours, y_theirs, atol=1e-4)
     if tool in ("compile", "fx", "script"):  # the running statistics moved as torch's did
-        for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        for (k, a), (_, b) in zip(
+            ours.state_dict().items(), theirs.state_dict().items(), strict=True
+        ):
             if "running" in k:
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=k)
 

@@ -65,7 +65,7 @@ SCHEMAS: dict[str, str] = {
     ),
     "backward_elemt": (
         "backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, "
-        "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor"
+        "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, SymInt count) -> Tensor"
     ),
     "batch_norm_train": (
         "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) "
@@ -81,7 +81,7 @@ SCHEMAS: dict[str, str] = {
     ),
     "update_running_stats_": (
         "update_running_stats_(Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-        "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, int count, float? momentum) "
+        "Tensor(c!)? num_batches_tracked, Tensor mean, Tensor var, SymInt count, float? momentum) "
         "-> ()"
     ),
     "batch_norm": (
@@ -232,10 +232,12 @@ def composite_backward(
 
 
 def _load_extension() -> bool:
-    if os.environ.get("BNORM_NO_EXTENSION") == "1":
-        return False
+    """Import ``bnorm._C`` (which registers the operators); warn and return False where it is
+    missing. ``BNORM_NO_EXTENSION=1`` behaves as if it were missing (tests of that path)."""
     try:
-        from . import _C  # noqa: F401  (importing registers the operators)
+        if os.environ.get("BNORM_NO_EXTENSION") == "1":
+            raise ImportError("BNORM_NO_EXTENSION=1")
+        from . import _C  # noqa: F401
     except ImportError as error:
         warnings.warn(
             f"bnorm's C++ operators are not built ({error}); every layer runs on the composite "

@@ -444,13 +444,13 @@ backward_op() {
 
 const c10::TypedOperatorHandle<void(const optional<Tensor>&, const optional<Tensor>&,
                                     const optional<Tensor>&, const Tensor&, const Tensor&,
-                                    int64_t, optional<double>)>&
+                                    c10::SymInt, optional<double>)>&
 update_op() {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("bnorm::update_running_stats_", "")
                        .typed<void(const optional<Tensor>&, const optional<Tensor>&,
-                                   const optional<Tensor>&, const Tensor&, const Tensor&, int64_t,
-                                   optional<double>)>();
+                                   const optional<Tensor>&, const Tensor&, const Tensor&,
+                                   c10::SymInt, optional<double>)>();
   return op;
 }
 
@@ -558,8 +558,9 @@ Tensor batch_norm_composite(const Tensor& input, const optional<Tensor>& weight,
   }
   auto [y, mean, var] = train_op().call(input, weight, bias, eps);
   if (has_mean || has_var) {
-    const int64_t C = input.dim() >= 2 ? input.size(1) : 0;
-    const int64_t count = C > 0 ? input.numel() / C : 0;
+    // values per channel, in symbolic sizes (this composite also runs under tracing tools)
+    c10::SymInt count = input.sym_size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) count = count * input.sym_size(d);
     update_op().call(running_mean, running_var, num_batches_tracked, mean, var, count, momentum);
   }
   return y;
@@ -577,7 +578,7 @@ TORCH_LIBRARY(bnorm, m) {
       "sum_dy_xmu)");
   m.def(
       "backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
-      "Tensor sum_dy, Tensor sum_dy_xmu, int count) -> Tensor");
+      "Tensor sum_dy, Tensor sum_dy_xmu, SymInt count) -> Tensor");
   m.def(
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor out, "
       "Tensor save_mean, Tensor save_var)");
@@ -589,7 +590,7 @@ TORCH_LIBRARY(bnorm, m) {
       "var, float eps, bool train, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def(
       "update_running_stats_(Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? "
-      "num_batches_tracked, Tensor mean, Tensor var, int count, float? momentum) -> ()");
+      "num_batches_tracked, Tensor mean, Tensor var, SymInt count, float? momentum) -> ()");
   m.def(
       "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool use_batch_stats, "
