@@ -89,43 +89,72 @@ cpu::Geometry geometry(const Tensor& x) {
   return g;
 }
 
-// (C,) float64 copy of an optional per-channel tensor, or `fill`.
-Tensor f64(const optional<Tensor>& t, int64_t channels, double fill) {
-  if (t.has_value() && t->defined()) return t->detach().to(at::kDouble).contiguous().view(-1);
-  return at::full({channels}, fill, at::TensorOptions().dtype(at::kDouble));
+// Per-channel values as float64, read straight from the tensor: the per-channel work of an
+// operator is a few loops over C values, not a chain of small tensor operations (on small
+// inputs those would cost more than the data's own pass).
+using Vec = std::vector<double>;
+
+Vec per_channel64(const Tensor& t) {
+  Tensor c = t.is_contiguous() ? t : t.contiguous();
+  Vec v(c.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bnorm::read", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) v[i] = static_cast<double>(p[i]);
+  });
+  return v;
 }
 
-Tensor f64(const Tensor& t) { return t.detach().to(at::kDouble).contiguous().view(-1); }
+Vec per_channel64(const optional<Tensor>& t, int64_t channels, double fill) {
+  if (t.has_value() && t->defined()) return per_channel64(*t);
+  return Vec(channels, fill);
+}
+
+// Writes float64 values into a per-channel tensor of any floating dtype (in place).
+void write_per_channel(Tensor& t, const Vec& v) {
+  Tensor c = t.is_contiguous() ? t : at::empty_like(t, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bnorm::write", [&] {
+    scalar_t* p = c.mutable_data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+  });
+  if (!c.is_same(t)) t.copy_(c);
+}
+
+Tensor to_tensor(const Vec& v, at::ScalarType type) {
+  Tensor t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(v.begin(), v.end(), t.mutable_data_ptr<double>());
+  return type == at::kDouble ? t : t.to(type);
+}
+
+Vec invstd_of(const Vec& var, double eps) {
+  Vec r(var.size());
+  for (size_t c = 0; c < var.size(); ++c) r[c] = 1.0 / std::sqrt(var[c] + eps);
+  return r;
+}
 
 // ---- the steps -------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> stats_impl(const Tensor& xd) {
+std::tuple<Vec, Vec> stats_impl(const Tensor& xd) {
   const auto g = geometry(xd);
-  auto opts = at::TensorOptions().dtype(at::kDouble);
-  Tensor mean = at::zeros({g.c}, opts), var = at::zeros({g.c}, opts);
+  Vec mean(g.c, 0.0), var(g.c, 0.0);
   if (g.numel() == 0) return {mean, var};
   AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::stats", [&] {
-    cpu::statistics<scalar_t>(xd.const_data_ptr<scalar_t>(), g, mean.data_ptr<double>(),
-                              var.data_ptr<double>());
+    cpu::statistics<scalar_t>(xd.const_data_ptr<scalar_t>(), g, mean.data(), var.data());
   });
   return {mean, var};
 }
 
-// y = (x - mean) * scale + off, with scale/off/mean float64 (C,), into a new tensor like xd.
-Tensor affine_impl(const Tensor& xd, const Tensor& mean, const Tensor& scale, const Tensor& off) {
+// y = (x - mean) * scale + off (float64 per channel), into a new tensor like xd.
+Tensor affine_impl(const Tensor& xd, const Vec& mean, const Vec& scale, const Vec& off) {
   const auto g = geometry(xd);
   Tensor y = at::empty_like(xd);
   if (g.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::transform", [&] {
-    const double* m = mean.const_data_ptr<double>();
-    const double* s = scale.const_data_ptr<double>();
-    const double* o = off.const_data_ptr<double>();
     // hi = the mean rounded to the data's type; what rounding left out moves into the offset
     std::vector<scalar_t> hi(g.c), sc(g.c), of(g.c);
     for (int64_t c = 0; c < g.c; ++c) {
-      hi[c] = static_cast<scalar_t>(m[c]);
-      sc[c] = static_cast<scalar_t>(s[c]);
-      of[c] = static_cast<scalar_t>(o[c] - (m[c] - static_cast<double>(hi[c])) * s[c]);
+      hi[c] = static_cast<scalar_t>(mean[c]);
+      sc[c] = static_cast<scalar_t>(scale[c]);
+      of[c] = static_cast<scalar_t>(off[c] - (mean[c] - static_cast<double>(hi[c])) * scale[c]);
     }
     cpu::transform<scalar_t>(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g,
                              hi.data(), sc.data(), of.data());
@@ -133,49 +162,43 @@ Tensor affine_impl(const Tensor& xd, const Tensor& mean, const Tensor& scale, co
   return y;
 }
 
-Tensor transform_impl(const Tensor& xd, const Tensor& mean64, const Tensor& invstd64,
+Tensor transform_impl(const Tensor& xd, const Vec& mean, const Vec& invstd,
                       const optional<Tensor>& weight, const optional<Tensor>& bias) {
   const int64_t C = xd.size(1);
-  Tensor scale = invstd64 * f64(weight, C, 1.0);
-  return affine_impl(xd, mean64, scale, f64(bias, C, 0.0));
+  Vec scale = per_channel64(weight, C, 1.0);
+  for (int64_t c = 0; c < C; ++c) scale[c] *= invstd[c];
+  return affine_impl(xd, mean, scale, per_channel64(bias, C, 0.0));
 }
 
-std::tuple<Tensor, Tensor> reduce_impl(const Tensor& dyd, const Tensor& xd, const Tensor& mean64) {
+std::tuple<Vec, Vec> reduce_impl(const Tensor& dyd, const Tensor& xd, const Vec& mean) {
   const auto g = geometry(xd);
-  auto opts = at::TensorOptions().dtype(at::kDouble);
-  Tensor sum_dy = at::zeros({g.c}, opts), sum_dy_xmu = at::zeros({g.c}, opts);
+  Vec sum_dy(g.c, 0.0), sum_dy_xmu(g.c, 0.0);
   if (g.numel() == 0) return {sum_dy, sum_dy_xmu};
   AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::backward_reduce", [&] {
     cpu::backward_reduce<scalar_t>(dyd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(),
-                                   g, mean64.const_data_ptr<double>(),
-                                   sum_dy.data_ptr<double>(), sum_dy_xmu.data_ptr<double>());
+                                   g, mean.data(), sum_dy.data(), sum_dy_xmu.data());
   });
   return {sum_dy, sum_dy_xmu};
 }
 
 // dx of training-mode batch norm: dx = a*dy + b*(x - mean) + k0 with a = w*invstd,
 // b = -a*invstd^2*sum_dy_xmu/n, k0 = -a*sum_dy/n (all float64 per channel).
-Tensor elemt_impl(const Tensor& dyd, const Tensor& xd, const Tensor& mean64,
-                  const Tensor& invstd64, const Tensor& w64, const Tensor& sum_dy,
-                  const Tensor& sum_dy_xmu, int64_t count) {
+Tensor elemt_impl(const Tensor& dyd, const Tensor& xd, const Vec& mean, const Vec& invstd,
+                  const Vec& w, const Vec& sum_dy, const Vec& sum_dy_xmu, int64_t count) {
   const auto g = geometry(xd);
   Tensor dx = at::empty_like(xd);
   if (g.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::backward_elemt", [&] {
-    const double* m = mean64.const_data_ptr<double>();
-    const double* is = invstd64.const_data_ptr<double>();
-    const double* w = w64.const_data_ptr<double>();
-    const double* sd = sum_dy.const_data_ptr<double>();
-    const double* sx = sum_dy_xmu.const_data_ptr<double>();
     const double n = static_cast<double>(count);
     std::vector<scalar_t> a(g.c), hi(g.c), b(g.c), k(g.c);
     for (int64_t c = 0; c < g.c; ++c) {
-      const double ad = w[c] * is[c];
-      const double bd = -ad * is[c] * is[c] * sx[c] / n;
-      hi[c] = static_cast<scalar_t>(m[c]);
+      const double is = invstd[c];
+      const double ad = w[c] * is;
+      const double bd = -ad * is * is * sum_dy_xmu[c] / n;
+      hi[c] = static_cast<scalar_t>(mean[c]);
       a[c] = static_cast<scalar_t>(ad);
       b[c] = static_cast<scalar_t>(bd);
-      k[c] = static_cast<scalar_t>(-ad * sd[c] / n - bd * (m[c] - static_cast<double>(hi[c])));
+      k[c] = static_cast<scalar_t>(-ad * sum_dy[c] / n - bd * (mean[c] - static_cast<double>(hi[c])));
     }
     cpu::backward_elementwise<scalar_t>(dyd.const_data_ptr<scalar_t>(),
                                         xd.const_data_ptr<scalar_t>(),
@@ -185,13 +208,16 @@ Tensor elemt_impl(const Tensor& dyd, const Tensor& xd, const Tensor& mean64,
   return dx;
 }
 
-Tensor invstd_of(const Tensor& var64, double eps) { return at::rsqrt(var64 + eps); }
+Tensor as_output(const Tensor& y, const Tensor& input) {
+  return y.scalar_type() == input.scalar_type() ? y : y.to(input.scalar_type());
+}
 
 // ---- CPU kernels of the operators -----------------------------------------------------------
 
 std::tuple<Tensor, Tensor> stats_cpu(const Tensor& input) {
   check_input("stats", input);
-  return stats_impl(dense(input));
+  auto [mean, var] = stats_impl(dense(input));
+  return {to_tensor(mean, at::kDouble), to_tensor(var, at::kDouble)};
 }
 
 Tensor transform_cpu(const Tensor& input, const Tensor& mean, const Tensor& invstd,
@@ -202,8 +228,9 @@ Tensor transform_cpu(const Tensor& input, const Tensor& mean, const Tensor& invs
   check_per_channel("transform", "invstd", invstd, C);
   check_per_channel("transform", "weight", weight, C);
   check_per_channel("transform", "bias", bias, C);
-  return transform_impl(dense(input), f64(mean), f64(invstd), weight, bias)
-      .to(input.scalar_type());
+  return as_output(
+      transform_impl(dense(input), per_channel64(mean), per_channel64(invstd), weight, bias),
+      input);
 }
 
 std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_out, const Tensor& input,
@@ -213,7 +240,8 @@ std::tuple<Tensor, Tensor> backward_reduce_cpu(const Tensor& grad_out, const Ten
               grad_out.sizes(), " for an input of shape ", input.sizes());
   check_per_channel("backward_reduce", "mean", mean, input.size(1));
   Tensor xd = dense(input);
-  return reduce_impl(dense_like(grad_out, xd), xd, f64(mean));
+  auto [sum_dy, sum_dy_xmu] = reduce_impl(dense_like(grad_out, xd), xd, per_channel64(mean));
+  return {to_tensor(sum_dy, at::kDouble), to_tensor(sum_dy_xmu, at::kDouble)};
 }
 
 Tensor backward_elemt_cpu(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
@@ -225,9 +253,10 @@ Tensor backward_elemt_cpu(const Tensor& grad_out, const Tensor& input, const Ten
   TORCH_CHECK(count > 0, "bnorm::backward_elemt: count must be positive, got ", count);
   const int64_t C = input.size(1);
   Tensor xd = dense(input);
-  return elemt_impl(dense_like(grad_out, xd), xd, f64(mean), f64(invstd), f64(weight, C, 1.0),
-                    f64(sum_dy), f64(sum_dy_xmu), count)
-      .to(input.scalar_type());
+  return as_output(elemt_impl(dense_like(grad_out, xd), xd, per_channel64(mean),
+                              per_channel64(invstd), per_channel64(weight, C, 1.0),
+                              per_channel64(sum_dy), per_channel64(sum_dy_xmu), count),
+                   input);
 }
 
 std::tuple<Tensor, Tensor, Tensor> train_cpu(const Tensor& input, const optional<Tensor>& weight,
@@ -240,7 +269,7 @@ std::tuple<Tensor, Tensor, Tensor> train_cpu(const Tensor& input, const optional
   Tensor xd = dense(input);
   auto [mean, var] = stats_impl(xd);
   Tensor y = transform_impl(xd, mean, invstd_of(var, eps), weight, bias);
-  return {y.to(input.scalar_type()), mean, var};
+  return {as_output(y, input), to_tensor(mean, at::kDouble), to_tensor(var, at::kDouble)};
 }
 
 Tensor eval_cpu(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
@@ -252,9 +281,9 @@ Tensor eval_cpu(const Tensor& input, const optional<Tensor>& weight, const optio
   check_per_channel("batch_norm_eval", "running_mean", running_mean, C);
   check_per_channel("batch_norm_eval", "running_var", running_var, C);
   TORCH_CHECK(eps >= 0, "bnorm::batch_norm_eval: eps must be non-negative, got ", eps);
-  return transform_impl(dense(input), f64(running_mean), invstd_of(f64(running_var), eps), weight,
-                        bias)
-      .to(input.scalar_type());
+  return as_output(transform_impl(dense(input), per_channel64(running_mean),
+                                  invstd_of(per_channel64(running_var), eps), weight, bias),
+                   input);
 }
 
 // Outputs not asked for by output_mask are returned allocated but not computed.
@@ -272,9 +301,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Te
   const auto param_type = weight.has_value() && weight->defined() ? weight->scalar_type()
                                                                    : input.scalar_type();
   Tensor xd = dense(input), dyd = dense_like(grad_out, xd);
-  Tensor mean64 = f64(mean), invstd64 = invstd_of(f64(var), eps), w64 = f64(weight, C, 1.0);
+  Vec mean64 = per_channel64(mean), invstd64 = invstd_of(per_channel64(var), eps);
+  Vec w64 = per_channel64(weight, C, 1.0);
   const int64_t count = xd.numel() / std::max<int64_t>(C, 1);
-  Tensor sum_dy, sum_dy_xmu;
+  Vec sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
   if (output_mask[1] || output_mask[2] || (output_mask[0] && train)) {
     std::tie(sum_dy, sum_dy_xmu) = reduce_impl(dyd, xd, mean64);
   }
@@ -284,16 +314,14 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Te
   } else if (count == 0) {
     dx = at::zeros_like(input);
   } else if (train) {
-    dx = elemt_impl(dyd, xd, mean64, invstd64, w64, sum_dy, sum_dy_xmu, count)
-             .to(input.scalar_type());
+    dx = as_output(elemt_impl(dyd, xd, mean64, invstd64, w64, sum_dy, sum_dy_xmu, count), input);
   } else {  // fixed statistics: dx = dy * w * invstd, the transform of dy around zero
-    dx = affine_impl(dyd, at::zeros_like(mean64), invstd64 * w64, at::zeros_like(mean64))
-             .to(input.scalar_type());
+    Vec scale(C);
+    for (int64_t c = 0; c < C; ++c) scale[c] = w64[c] * invstd64[c];
+    dx = as_output(affine_impl(dyd, Vec(C, 0.0), scale, Vec(C, 0.0)), input);
   }
-  auto popts = at::TensorOptions().dtype(param_type);
-  Tensor dw = output_mask[1] ? (sum_dy_xmu * invstd64).to(param_type) : at::empty({C}, popts);
-  Tensor db = output_mask[2] ? sum_dy.to(param_type) : at::empty({C}, popts);
-  return {dx, dw, db};
+  for (int64_t c = 0; c < C; ++c) sum_dy_xmu[c] *= invstd64[c];  // = dweight
+  return {dx, to_tensor(sum_dy_xmu, param_type), to_tensor(sum_dy, param_type)};
 }
 
 // Running statistics: r <- (1 - rate) r + rate * batch, in float64, the variance unbiased.
@@ -305,17 +333,16 @@ void update_running_stats_cpu(const optional<Tensor>& running_mean,
   const bool has_mean = running_mean.has_value() && running_mean->defined();
   const bool has_var = running_var.has_value() && running_var->defined();
   const bool has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  Tensor m64 = f64(mean), v64 = f64(var);
   if (count == 0) {  // an empty batch: nothing to learn from; counted, as torch counts it
     if (has_count) num_batches_tracked->add_(1);
     return;
   }
-  const int64_t C = m64.numel();
-  TORCH_CHECK(v64.numel() == C, "bnorm::update_running_stats_: mean and var sizes differ");
+  const Vec m = per_channel64(mean), v = per_channel64(var);
+  const int64_t C = static_cast<int64_t>(m.size());
+  TORCH_CHECK(static_cast<int64_t>(v.size()) == C,
+              "bnorm::update_running_stats_: mean and var sizes differ");
   if (has_mean) check_per_channel("update_running_stats_", "running_mean", *running_mean, C);
   if (has_var) check_per_channel("update_running_stats_", "running_var", *running_var, C);
-  const double* m = m64.const_data_ptr<double>();
-  const double* v = v64.const_data_ptr<double>();
   for (int64_t c = 0; c < C; ++c) {
     if (!std::isfinite(m[c]) || !std::isfinite(v[c])) return;  // leave everything as it was
   }
@@ -331,13 +358,17 @@ void update_running_stats_cpu(const optional<Tensor>& running_mean,
   if (has_var) TORCH_CHECK(count > 1, "Expected more than 1 value per channel when training");
   at::NoGradGuard no_grad;
   if (has_mean) {
-    Tensor r = running_mean->to(at::kDouble).view(-1);
-    running_mean->copy_((r * (1.0 - rate) + m64 * rate).view(running_mean->sizes()));
+    Vec r = per_channel64(*running_mean);
+    for (int64_t c = 0; c < C; ++c) r[c] = r[c] * (1.0 - rate) + m[c] * rate;
+    Tensor t = *running_mean;
+    write_per_channel(t, r);
   }
   if (has_var) {
     const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
-    Tensor r = running_var->to(at::kDouble).view(-1);
-    running_var->copy_((r * (1.0 - rate) + v64 * (rate * unbias)).view(running_var->sizes()));
+    Vec r = per_channel64(*running_var);
+    for (int64_t c = 0; c < C; ++c) r[c] = r[c] * (1.0 - rate) + v[c] * (rate * unbias);
+    Tensor t = *running_var;
+    write_per_channel(t, r);
   }
   if (has_count) num_batches_tracked->add_(1);
 }
@@ -525,9 +556,20 @@ class EvalFunction : public torch::autograd::Function<EvalFunction> {
   }
 };
 
+// Whether autograd records this call; if not, the Function's bookkeeping is skipped.
+bool records(const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  if (!at::GradMode::is_enabled()) return false;
+  return input.requires_grad() || (given(weight) && weight->requires_grad()) ||
+         (given(bias) && bias->requires_grad());
+}
+
 std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& input,
                                                   const optional<Tensor>& weight,
                                                   const optional<Tensor>& bias, double eps) {
+  if (!records(input, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return train_op().call(input, weight, bias, eps);
+  }
   auto out = TrainFunction::apply(input, weight, bias, eps);
   return {out[0], out[1], out[2]};
 }
@@ -535,6 +577,10 @@ std::tuple<Tensor, Tensor, Tensor> train_autograd(const Tensor& input,
 Tensor eval_autograd(const Tensor& input, const optional<Tensor>& weight,
                      const optional<Tensor>& bias, const Tensor& running_mean,
                      const Tensor& running_var, double eps) {
+  if (!records(input, weight, bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return eval_op().call(input, weight, bias, running_mean, running_var, eps);
+  }
   return EvalFunction::apply(input, weight, bias, running_mean, running_var, eps)[0];
 }
 

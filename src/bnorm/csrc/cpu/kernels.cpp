@@ -5,7 +5,7 @@
 // runs on the calling thread: waking the pool costs more than the work.
 //
 // The innermost loops are plain C++ written for the compiler's vectorizer (`omp simd`, enabled
-// by -fopenmp-simd: it allows the reordered float64 reductions without -ffast-math). On x86-64
+// by -fopenmp: it allows the reordered float64 reductions without -ffast-math). On x86-64
 // they are compiled twice, for AVX2+FMA and for the baseline, and the processor picks one at
 // load time (GCC's target_clones): the build then runs on any x86-64 and uses AVX2 where it is.
 #include "kernels.h"
