@@ -163,24 +163,23 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
             )
 
     def _check_input(self, input: Tensor, use_batch_stats: bool) -> None:
-        name = self._layer_name()
-        _checks.check_tensor(name, input)
-        self._check_input_dim(input)
-        _checks.check_channels(name, input, self.num_features)
-        _checks.check_per_channel(
-            name,
+        _checks.check_call(
+            self._layer_name(),
             input,
-            {
+            ranks=None,
+            layout="(N, C, *)",
+            num_features=self.num_features,
+            tensors={
                 "weight": self.weight,
                 "bias": self.bias,
                 "running_mean": self.running_mean,
                 "running_var": self.running_var,
             },
+            eps=self.eps,
+            momentum=self.momentum,
+            on_nonfinite=self.on_nonfinite,
+            use_batch_stats=use_batch_stats,
         )
-        _checks.check_eps(name, self.eps)
-        _checks.check_nonfinite_policy(name, self.on_nonfinite)
-        if use_batch_stats:
-            _checks.check_batch_size(name, input)
 
     def forward(self, input: Tensor) -> Tensor:
         group = _dist.sync_group(self.process_group) if self.training else False
