@@ -172,8 +172,17 @@ def scenario_exact(me: int, world: int) -> dict:
     return results
 
 
+FAULT_TIMEOUT = 2.0  # seconds: every SyncBatchNorm of the fault scenarios
+
+
 def _fault_model() -> nn.Sequential:
-    return nn.Sequential(bnorm.SyncBatchNorm(3, timeout=4), bnorm.SyncBatchNorm(3, timeout=4))
+    """Two SyncBatchNorm layers of different widths (a skipped layer then pairs collectives of
+    different sizes, which gloo cannot survive without the in-step check)."""
+    return nn.Sequential(
+        bnorm.SyncBatchNorm(3, timeout=FAULT_TIMEOUT),
+        nn.Linear(3, 5),
+        bnorm.SyncBatchNorm(5, timeout=FAULT_TIMEOUT),
+    )
 
 
 def _stats(model: nn.Module) -> list[torch.Tensor]:
@@ -185,56 +194,73 @@ def _same(model: nn.Module, before: list[torch.Tensor]) -> bool:
 
 
 def _wait_for_rank0(folder: Path) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while not (folder / "rank0.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)  # until rank 0 has given up and saved what it saw
+        time.sleep(0.05)  # until rank 0 has given up, recovered and saved what it saw
+
+
+def _faulty_step(
+    model: nn.Sequential, extra: nn.Module, x: torch.Tensor, kind: str, folder: Path
+) -> None:
+    """Step 2 on the faulty rank."""
+    if kind == "die":
+        sys.stdout.flush()
+        os._exit(0)  # dies without a word, as a killed process would
+    if kind == "skip":  # skips the first layer: its next call is the second, of width 5
+        model[2](model[1](x))
+    elif kind == "extra":  # calls a layer the other rank does not, then the model
+        extra(torch.randn(4, 4))
+        model(x)
+    elif kind == "width":  # the same layer and call, but 4 channels instead of 3
+        wide = bnorm.SyncBatchNorm(4, timeout=FAULT_TIMEOUT)
+        wide.sync_id, wide._sync_calls = model[0].sync_id, model[0]._sync_calls
+        wide(torch.randn(4, 4))
+    elif kind == "late":  # arrives after the others have given up (and left)
+        _wait_for_rank0(folder)
+        model(x)
+    elif kind == "grad-mismatch":  # would not run the backward, the other rank would
+        with torch.no_grad():
+            model(x)
+    else:
+        raise ValueError(kind)
 
 
 def scenario_fault(me: int, world: int, kind: str, folder: Path) -> dict:
-    """Step 1 runs normally; in step 2 the last rank dies before the first layer ("die"),
-    skips the first layer ("skip"), or stays away longer than the layers' 4 s timeout
-    ("late"). The others must raise SyncBatchNormError, their statistics unchanged."""
+    """Step 1 runs normally; in step 2 the last rank faults (see :func:`_faulty_step`). Every
+    rank that survives records whether it raised SyncBatchNormError, the message, whether its
+    running statistics stayed unchanged, and the monotonic times of the step's start, of the
+    error and of the end of the recovery (``destroy_process_group``)."""
     model = _fault_model()
+    extra = bnorm.SyncBatchNorm(4, timeout=FAULT_TIMEOUT)  # created on every rank
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(me))
+    # Step 1 with a long timeout: a first call may compile kernels for seconds on one rank.
+    for layer in (*model.modules(), extra):
+        if isinstance(layer, bnorm.SyncBatchNorm):
+            layer.timeout = datetime.timedelta(seconds=60)
     model(x).sum().backward()
+    extra(torch.randn(4, 4)).sum().backward()
+    for layer in (*model.modules(), extra):
+        if isinstance(layer, bnorm.SyncBatchNorm):
+            layer.timeout = datetime.timedelta(seconds=FAULT_TIMEOUT)
     before = _stats(model)
     faulty = me == world - 1
-    if faulty and kind == "die":
-        sys.stdout.flush()
-        os._exit(0)  # dies without a word, as a killed process would
-    if kind == "no-backward":
-        y = model(x)  # the forward succeeds on both ranks ...
-        if faulty:  # ... but this rank never runs the backward
-            _wait_for_rank0(folder)
-            return {"error": None, "unchanged": True}
-        try:
-            y.sum().backward()
-        except bnorm.SyncBatchNormError as err:
-            return {"error": str(err), "unchanged": True}
-        return {"error": None, "unchanged": True}
-    if kind == "grad-mismatch":
-        try:
-            if faulty:
-                with torch.no_grad():  # this rank would not run the backward, the other would
-                    model(x)
-            else:
-                model(x)
-        except bnorm.SyncBatchNormError as err:
-            return {"error": str(err), "unchanged": _same(model, before)}
-        return {"error": None, "unchanged": _same(model, before)}
-    if faulty and kind == "late":
-        _wait_for_rank0(folder)
-        return {"error": None, "unchanged": True}
+    result: dict = {"error": None, "t_fault": time.monotonic()}
     try:
-        if faulty and kind == "skip":
-            model[1](x)
+        if kind == "no-backward":
+            y = model(x)  # the forward succeeds on both ranks ...
+            if faulty:  # ... but this rank never runs the backward
+                _wait_for_rank0(folder)
+            else:
+                y.sum().backward()
+        elif faulty:
+            _faulty_step(model, extra, x, kind, folder)
         else:
-            model(x)
+            model(x).sum().backward()
     except bnorm.SyncBatchNormError as err:
-        error = str(err)
-    else:
-        error = None
-    return {"error": error, "unchanged": _same(model, before)}
+        result["error"] = str(err)
+    result["t_error"] = time.monotonic()
+    result["unchanged"] = kind == "no-backward" or _same(model, before)
+    return result
 
 
 def main() -> None:
@@ -249,17 +275,16 @@ def main() -> None:
     )
     if scenario == "exact":
         result = scenario_exact(me, world)
-    else:
-        result = scenario_fault(me, world, scenario, Path(folder))
-    torch.save(result, Path(folder) / f"rank{me}.pt")
-    if scenario == "exact":
+        torch.save(result, Path(folder) / f"rank{me}.pt")
         dist.barrier()
         dist.destroy_process_group()
-    else:
-        # After a fault the group is broken: its destructor would abort the process, so
-        # leave without one (the results are saved).
-        sys.stdout.flush()
-        os._exit(0)
+        return
+    result = scenario_fault(me, world, scenario, Path(folder))
+    # The documented recovery after a SyncBatchNormError, then a normal interpreter exit: the
+    # parent times both (bnorm.SyncBatchNormError's docstring).
+    dist.destroy_process_group()
+    result["t_recovered"] = time.monotonic()
+    torch.save(result, Path(folder) / f"rank{me}.pt")
 
 
 if __name__ == "__main__":

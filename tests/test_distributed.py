@@ -12,11 +12,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from dist_worker import CASES, STEPS, case_data, case_params, train_batch, train_model, train_step
+from dist_worker import (
+    CASES,
+    FAULT_TIMEOUT,
+    STEPS,
+    case_data,
+    case_params,
+    train_batch,
+    train_model,
+    train_step,
+)
 from helpers import assert_close
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -24,7 +34,10 @@ LAUNCH_TIMEOUT = 120  # seconds for a whole launch; a hang fails the test instea
 
 
 def launch(scenario: str, world: int, folder: Path) -> list[dict | None]:
-    """Run ``world`` ranks of a scenario; return each rank's results (None if it wrote none)."""
+    """Run ``world`` ranks of a scenario; return each rank's results (None if it wrote none).
+
+    Each result gets ``t_exit``: the monotonic time (the same clock in every process on
+    Linux) at which its process was seen to have exited, polled every 20 ms."""
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen(
@@ -36,21 +49,28 @@ def launch(scenario: str, world: int, folder: Path) -> list[dict | None]:
         )
         for r in range(world)
     ]
-    logs = []
+    exits: dict[int, float] = {}
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
-        for p in procs:
-            logs.append(p.communicate(timeout=LAUNCH_TIMEOUT)[0])
+        while len(exits) < world and time.monotonic() < deadline:
+            for r, p in enumerate(procs):
+                if r not in exits and p.poll() is not None:
+                    exits[r] = time.monotonic()
+            time.sleep(0.02)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.wait()
+        logs = [p.communicate()[0] for p in procs]
     for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} of {scenario!r} failed:\n{logs[r]}"
+        assert p.returncode == 0, f"rank {r} of {scenario!r} failed ({p.returncode}):\n{logs[r]}"
     results = []
     for r in range(world):
         path = folder / f"rank{r}.pt"
-        results.append(torch.load(path, weights_only=False) if path.exists() else None)
+        result = torch.load(path, weights_only=False) if path.exists() else None
+        if result is not None and scenario != "exact":
+            result["t_exit"] = exits[r]
+        results.append(result)
     return results
 
 
@@ -168,29 +188,55 @@ def test_data_parallel_step_equals_single_process_step(exact):
         assert "BatchNorm1d" not in results[r]["converted"]
 
 
-@pytest.mark.parametrize("kind", ["die", "skip", "late", "no-backward", "grad-mismatch"])
-def test_a_faulty_rank_makes_the_others_fail_clearly(tmp_path, kind):
+#: the bound on fault -> clean exit of a surviving rank (issue 24: under 10 s with a 2 s timeout)
+EXIT_BOUND = 10.0
+#: scheduling slack on a shared 2-core machine for "within the timeout"
+SLACK = 2.0
+
+# (kind, ranks that survive and must raise, a phrase of the error)
+FAULTS = [
+    ("die", [0], "failed"),
+    ("late", [0], "timed out"),
+    ("skip", [0, 1], "out of step"),
+    ("extra", [0, 1], "out of step"),
+    ("width", [0, 1], "out of step"),
+    ("no-backward", [0], "backward"),
+    ("grad-mismatch", [0, 1], "requires_grad per rank: [True, False]"),
+]
+
+
+@pytest.mark.parametrize(("kind", "survivors", "phrase"), FAULTS, ids=[f[0] for f in FAULTS])
+def test_a_faulty_rank_makes_the_others_fail_clearly_and_exit_promptly(
+    tmp_path, kind, survivors, phrase
+):
+    """Fault injection at step 2 of 2 ranks (gloo, group timeout 60 s, layer timeout 2 s):
+    every surviving rank raises SyncBatchNormError within the timeout, its running statistics
+    unchanged, and after the documented recovery (destroy_process_group) exits cleanly within
+    10 s of the fault. Guards: a skipped layer of another width crashing the other rank
+    (gloo EnforceNotMet, SIGABRT), and the recovery waiting for the group's own timeout."""
     results = launch(kind, 2, tmp_path)
-    survivors = [0, 1] if kind in ("skip", "grad-mismatch") else [0]
-    if kind == "no-backward":
-        # the last layer's backward runs first: its all_reduce waits for the missing rank
-        error = results[0]["error"]
-        assert error is not None and "rank 0, call 2" in error and "backward" in error, error
-        return
     if kind == "die":
         assert results[1] is None  # it really died before writing anything
     for r in survivors:
         got = results[r]
-        assert got["error"] is not None, f"rank {r} did not notice the {kind!r} fault"
-        assert got["error"].startswith("SyncBatchNorm(3) (sync_id "), got["error"]
-        assert f"rank {r}, call 2" in got["error"], got["error"]
-        if kind == "grad-mismatch":
-            assert "requires_grad per rank: [True, False]" in got["error"], got["error"]
-        elif kind == "skip":
-            # rank 0's first layer met rank 1's second one
-            assert "out of step" in got["error"] and "(0, 2), (1, 2)" in got["error"]
-        else:
-            assert "failed" in got["error"]
-        if kind == "late":
-            assert "timed out" in got["error"].lower(), got["error"]
+        error = got["error"]
+        assert error is not None, f"rank {r} did not notice the {kind!r} fault"
+        assert error.startswith("SyncBatchNorm("), error
+        assert f"rank {r}, call 2" in error, error
+        assert phrase in (error.lower() if phrase == "timed out" else error), error
         assert got["unchanged"], f"rank {r}: running statistics changed on the failed step"
+        to_error = got["t_error"] - got["t_fault"]
+        to_exit = got["t_exit"] - got["t_fault"]
+        print(
+            f"{kind}: rank {r} fault->error {to_error:.2f} s, fault->recovered "
+            f"{got['t_recovered'] - got['t_fault']:.2f} s, fault->exit {to_exit:.2f} s"
+        )
+        assert to_error < FAULT_TIMEOUT + SLACK, f"rank {r}: error after {to_error:.2f} s"
+        assert to_exit < EXIT_BOUND, f"rank {r}: exited {to_exit:.2f} s after the fault"
+    if kind == "skip":
+        # rank 0's first layer met rank 1's second one, of another width
+        for r in survivors:
+            assert "(0, 2), (1, 2)" in results[r]["error"], results[r]["error"]
+            assert "channels [3, 5]" in results[r]["error"], results[r]["error"]
+    if kind == "width":
+        assert "channels [3, 4]" in results[0]["error"], results[0]["error"]

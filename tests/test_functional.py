@@ -92,7 +92,7 @@ def test_eval_matches_reference(layout):
     scale=st.sampled_from([1e-2, 1.0, 50.0]),
     training=st.booleans(),
     affine=st.booleans(),
-    momentum=st.sampled_from([0.0, 0.1, 1.0, -0.5]),
+    momentum=st.sampled_from([0.0, 0.1, 1.0]),
     cl=st.booleans(),
     seed=st.integers(0, 2**16),
 )

@@ -91,6 +91,17 @@ def _functional_cases():
 
 @pytest.mark.parametrize("sample", list(_functional_cases()))
 def test_functional_sample_inputs_give_torch_results(sample):
+    momentum = sample.kwargs.get("momentum", 0.1)
+    if not 0.0 <= momentum <= 1.0:
+        # torch's samples include momentum -1.2 and -1.0 (an extrapolating update that torch
+        # accepts); bnorm refuses momentum outside [0, 1] before touching the buffers (issue 24)
+        args = [a.clone() if isinstance(a, torch.Tensor) else a for a in sample.args]
+        with pytest.raises(ValueError, match="momentum must be a finite number in"):
+            bnorm.functional.batch_norm(sample.input.detach(), *args, **sample.kwargs)
+        assert all(
+            a is None or torch.equal(a, b) for a, b in zip(args[:2], sample.args[:2], strict=True)
+        )
+        return
     tol = 1e-5 if sample.input.dtype == torch.float32 else 1e-12
     outs = []
     for fn in (F.batch_norm, bnorm.functional.batch_norm):

@@ -8,6 +8,7 @@ wording where it has one (so code matching torch's messages still matches).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 
 import torch
@@ -77,18 +78,118 @@ def check_sizes(layer: str, x: Tensor, tensors: Mapping[str, Tensor | None]) -> 
             )
 
 
-def check_per_channel(layer: str, x: Tensor, tensors: Mapping[str, Tensor | None]) -> None:
-    """:func:`check_sizes` then :func:`check_dtypes`: what a kernel needs of the per-channel
-    tensors it reads (one value per channel, the input's dtype) before it can run."""
+def check_per_channel(
+    layer: str, x: Tensor, tensors: Mapping[str, Tensor | None], *, empty_ok: bool = False
+) -> None:
+    """What a kernel needs of the input and the per-channel tensors it reads before it can run:
+    one device (:func:`check_device`), one value per
+    channel (:func:`check_sizes`) and the input's dtype (:func:`check_dtypes`). With
+    ``empty_ok``, an empty input skips the dtype check: there is nothing to compute, and torch
+    returns an empty result for it whatever the dtypes."""
+    check_device(layer, x, tensors)
     check_sizes(layer, x, tensors)
-    check_dtypes(layer, x, tensors)
+    if not (empty_ok and x.numel() == 0):
+        check_dtypes(layer, x, tensors)
 
 
-def check_eps(layer: str, eps: float, *, allow_zero: bool = False) -> None:
+def check_eps(layer: str, eps: float, *, allow_zero: bool = False, training: bool = False) -> None:
+    """``eps`` must be positive (non-negative with ``allow_zero``), in torch's wording:
+    "batch_norm eps must be positive during training, but got -1" (``training``) and
+    "batch_norm eps must be non-negative, but got -1"."""
     bad = eps < 0 if allow_zero else eps <= 0
     if bad or math.isnan(eps):
         word = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{layer}: eps must be {word}, got {eps}")
+        when = " during training" if training and not allow_zero else ""
+        raise ValueError(f"{layer}: eps must be {word}{when}, but got {eps}")
+
+
+def check_momentum(layer: str, momentum: object) -> None:
+    """``momentum`` is the update rate of the running statistics: a finite number in [0, 1], or
+    ``None`` (cumulative average). Anything else would poison the running statistics on the
+    first update (NaN, Inf, or an extrapolation away from the batch statistics); torch does not
+    check it and has no wording of its own."""
+    if momentum is None:
+        return
+    if not isinstance(momentum, numbers.Real):
+        raise TypeError(
+            f"{layer}: momentum must be a number in [0, 1] or None, got {type(momentum).__name__}"
+        )
+    if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):
+        raise ValueError(
+            f"{layer}: momentum must be a finite number in [0, 1] (the update rate of the "
+            f"running statistics) or None (cumulative average), got {momentum}"
+        )
+
+
+def _is_fake(t: Tensor) -> bool:
+    # FakeTensor lives in a private module; import lazily so a torch without it still works.
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - torch builds without fake tensors
+        return False
+    return bool(is_fake(t))
+
+
+def check_device(layer: str, x: Tensor, tensors: Mapping[str, Tensor | None]) -> None:
+    """Each per-channel tensor must be on the input's device (torch: "Expected all tensors to be
+    on the same device"), and a FakeTensor input needs fake parameters and buffers (and
+    the other way round): mixing them fails inside the kernels, after state has changed."""
+    x_fake = _is_fake(x)
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise RuntimeError(
+                f"{layer}: Expected all tensors to be on the same device: the input is on "
+                f"{x.device} and {name} on {t.device}. Move the input (x.to({str(t.device)!r})) "
+                f"or the layer (layer.to({str(x.device)!r}))."
+            )
+        if _is_fake(t) != x_fake:
+            what = ("a FakeTensor", "a real tensor")
+            raise RuntimeError(
+                f"{layer}: the input is {what[not x_fake]} and {name} is {what[x_fake]}; "
+                "create the layer under the same FakeTensorMode as the input (or give it real "
+                "inputs)"
+            )
+
+
+def check_call(
+    layer: str,
+    x: object,
+    *,
+    ranks: tuple[int, ...] | None,
+    layout: str,
+    num_features: int,
+    tensors: Mapping[str, Tensor | None],
+    eps: float,
+    momentum: object,
+    on_nonfinite: str,
+    use_batch_stats: bool,
+) -> None:
+    """Every check of one layer call, in torch's order, all before any state changes.
+
+    torch's order: the input's rank, then (batch statistics) more than one value per channel,
+    then eps, then what the kernel checks (sizes, dtypes). An empty batch is not checked for
+    dtypes: there is nothing to compute, and torch returns an empty result for it.
+    ``ranks=None`` accepts any rank >= 2 (``(N, C, *)``).
+    """
+    check_tensor(layer, x)
+    assert isinstance(x, Tensor)
+    if ranks is None:
+        if x.dim() < 2:
+            raise ValueError(
+                f"{layer}: expected at least 2D input (N, C, *) "
+                f"(got {x.dim()}D input of shape {shape_text(x)})"
+            )
+    else:
+        check_rank(layer, x, ranks, layout)
+    if use_batch_stats:
+        check_batch_size(layer, x)
+    check_eps(layer, eps, training=use_batch_stats)
+    check_momentum(layer, momentum)
+    check_nonfinite_policy(layer, on_nonfinite)
+    check_channels(layer, x, num_features)
+    check_per_channel(layer, x, tensors, empty_ok=True)
 
 
 def check_batch_size(layer: str, x: Tensor) -> None:

@@ -6,9 +6,8 @@ Two parts:
    Each rank computes the statistics of its own slice of the global batch, per channel
    ``c``: the count :math:`n_r`, the mean :math:`\mu_r` and the sum of squared deviations
    :math:`M2_r = n_r \sigma_r^2`. One ``all_gather`` of a packed float64 tensor
-   ``[n_r, layer id, call, needs_grad, \mu_r (C), M2_r (C)]`` gives every rank everyone's,
-   and the exact merge (Chan, Golub & LeVeque's parallel formula, applied to all ranks at
-   once) is
+   ``[n_r, \mu_r (C), M2_r (C)]`` gives every rank everyone's, and the exact merge (Chan,
+   Golub & LeVeque's parallel formula, applied to all ranks at once) is
 
    .. math::
 
@@ -18,16 +17,26 @@ Two parts:
    computed in float64 (no cancellation: it sums squares of deviations, never ``E[x²] - E[x]²``).
    The backward needs two per-channel sums over the global batch, ``Σ dy`` and
    ``Σ dy (x - μ)``; they are additive over ranks, so one ``all_reduce`` of a packed
-   ``[Σ dy (C), Σ dy (x-μ) (C), id, id², call, call²]`` gives them.
+   ``[Σ dy (C), Σ dy (x-μ) (C)]`` gives them.
 
-   The **tag** ``(layer id, call)`` says which layer is calling and for the how-many-th time.
-   Collectives pair by order, so when a rank skips a layer (pytorch issue 44957: a layer
-   used on some ranks only) its next collective pairs with another layer's on the other
-   ranks: their tags differ and every rank raises :class:`SyncBatchNormError` instead of
-   silently mixing statistics of different layers or hanging. In the backward, the sums of
-   ``t`` and ``t²`` over ``k`` ranks equal ``k·t`` and ``k·t²`` only when all tags equal ``t``
-   (Cauchy–Schwarz), so one all_reduce still detects a mismatch. A rank that stops calling
-   altogether (dead, or stuck) is caught by the timeout.
+   **Every rank at the same call.** Collectives pair by order, and these two have sizes that
+   depend on the layer (``C``). Before each, one ``all_gather`` of a fixed-size int64 header
+   ``[pass, layer id, call, C, dtype, needs_grad]`` checks that every rank is at the same
+   layer (``sync_id``), the same call of it, in the same pass, with the same width and dtype.
+   When a rank skips a layer (pytorch issue 44957: a layer used on some ranks only), calls an
+   extra one or runs another model, the headers differ and **every** rank raises
+   :class:`SyncBatchNormError` (all ranks see the same table, so all decide alike), instead
+   of pairing collectives of different sizes (gloo then aborts the process: ``EnforceNotMet``)
+   or silently mixing statistics of different layers. A rank that stops calling altogether
+   (dead, or stuck) is caught by the timeout.
+
+   **Timeouts and recovery.** Each collective runs with the layer's ``timeout`` as its own
+   (the backend's per-operation timeout): when it expires, the backend fails the operation,
+   so nothing of this layer stays posted on the group. After a
+   :class:`SyncBatchNormError`, ``torch.distributed.destroy_process_group()`` therefore returns
+   at once and the process exits without waiting for the missing peer (with only a wait
+   bounded by ``Work.wait(timeout)``, the operation stayed queued until the group's own
+   timeout, 30 minutes by default for gloo, and both waited for it).
 
 2. **Helpers for running a training loop under torchrun** (``torchrun --nproc-per-node N``):
    :func:`init_from_env`, :func:`prepare_model`, :func:`shard`, :func:`is_main_process`,
@@ -68,9 +77,6 @@ __all__ = [
     "unwrap",
     "world_size",
 ]
-
-_HEADER = 4  # count, layer id, call, needs_grad
-_CALL_MOD = 1 << 20  # calls enter the backward check modulo this, so call² stays exact
 
 
 @dataclass(frozen=True)
@@ -127,13 +133,108 @@ def _fail(
     return SyncBatchNormError(text)
 
 
-def _wait(work: dist.Work | None, timeout: datetime.timedelta | None) -> None:
-    if work is None:
+def _process_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    pg = dist.group.WORLD if group is None else group
+    assert pg is not None, "torch.distributed is not initialized"
+    return pg
+
+
+def _all_gather(
+    tensor: Tensor, group: dist.ProcessGroup | None, timeout: datetime.timedelta | None
+) -> list[Tensor]:
+    """Every rank's ``tensor`` (same shape on every rank), the collective bounded by ``timeout``.
+
+    The timeout is the collective's own (the backend's per-operation timeout), not a bound on
+    waiting for it: when it expires the backend fails the operation and no part of it stays
+    posted on the group. (``Work.wait(timeout)`` would only stop waiting; the operation would
+    stay queued in the backend until the group's own timeout, and
+    ``destroy_process_group()`` and the process's exit would wait for it.)
+    """
+    pg = _process_group(group)
+    parts = [torch.empty_like(tensor) for _ in range(pg.size())]
+    opts = dist.distributed_c10d.AllgatherOptions()
+    if timeout is not None:
+        opts.timeout = timeout
+    pg.allgather([parts], [tensor], opts).wait()
+    return parts
+
+
+def _all_reduce_sum(
+    tensor: Tensor, group: dist.ProcessGroup | None, timeout: datetime.timedelta | None
+) -> None:
+    """In-place sum of ``tensor`` over ranks, bounded by ``timeout`` as :func:`_all_gather`."""
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.SUM
+    if timeout is not None:
+        opts.timeout = timeout
+    _process_group(group).allreduce([tensor], opts).wait()
+
+
+_FORWARD, _BACKWARD = 1, 2
+_PASS_NAMES = {_FORWARD: "forward", _BACKWARD: "backward"}
+# Input dtypes by a stable code (the header is int64); other dtypes share one code.
+_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+_CODE_DTYPES = {v: str(k).removeprefix("torch.") for k, v in _DTYPE_CODES.items()}
+
+
+def _check_in_step(
+    step: int,
+    tag: tuple[int, int],
+    width: int,
+    dtype: torch.dtype | None,
+    needs_grad: bool,
+    *,
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+    timeout: datetime.timedelta | None,
+    layer: str,
+) -> None:
+    """Make sure every rank is at the same call before a collective whose size depends on it.
+
+    One ``all_gather`` of a fixed-size int64 header ``[pass, sync_id, call, width, dtype,
+    needs_grad]``: its size never depends on the layer, so it pairs safely whatever each rank
+    is doing, and every rank gets the same table, so every rank takes the same decision. A
+    rank that skipped or repeated a call, or called another layer, then makes every rank raise
+    :class:`SyncBatchNormError` here, instead of pairing collectives of different sizes (gloo
+    aborts the process on those) or mixing statistics of different layers.
+    """
+    code = _DTYPE_CODES.get(dtype, 0) if dtype is not None else -1
+    header = torch.tensor(
+        [step, tag[0], tag[1], width, code, int(needs_grad)], dtype=torch.int64, device=device
+    )
+    k = dist.get_world_size(group)
+    try:
+        rows = _all_gather(header, group, timeout)
+    except Exception as err:  # gloo raises RuntimeError/DistBackendError subclasses
+        raise _fail(
+            layer,
+            tag,
+            f"meeting the other ranks in the {_PASS_NAMES[step]} failed ({k} ranks): another "
+            "rank died, or did not reach a SyncBatchNorm call within the timeout",
+            err,
+        ) from err
+    table = torch.stack(rows).cpu().tolist()
+    if all(row == table[0] for row in table):
         return
-    if timeout is None:
-        work.wait()
-    else:
-        work.wait(timeout)
+    if all(row[:5] == table[0][:5] for row in table):
+        raise _fail(
+            layer,
+            tag,
+            "some ranks need a backward through this layer and others do not "
+            f"(requires_grad per rank: {[bool(row[5]) for row in table]}); the backward "
+            "collective would hang. Give every rank the same grad mode and requires_grad inputs",
+        )
+    seen = [(row[1], row[2]) for row in table]
+    passes = [_PASS_NAMES.get(row[0], "?") for row in table]
+    widths = [row[3] for row in table]
+    dtypes = [_CODE_DTYPES.get(row[4], "other") for row in table]
+    raise _fail(
+        layer,
+        tag,
+        f"ranks are out of step: the (sync_id, call) pairs that met in this collective are "
+        f"{seen}, one per rank (passes {passes}, channels {widths}, dtypes {dtypes}): a rank "
+        "skipped, repeated or added a SyncBatchNorm call; no running statistics were updated",
+    )
 
 
 def gather_statistics(
@@ -146,63 +247,50 @@ def gather_statistics(
     group: dist.ProcessGroup | None,
     timeout: datetime.timedelta | None,
     layer: str,
+    dtype: torch.dtype | None = None,
 ) -> MergedStatistics:
-    """All-gather this rank's ``(count, mean, M2)`` and merge everyone's (one collective).
+    """All-gather this rank's ``(count, mean, M2)`` and merge everyone's.
 
     ``mean``/``var`` are this rank's float64 (C,) statistics (ignored when ``count`` is 0).
-    ``tag`` is ``(layer id, call counter)``; ranks whose tags differ raise
-    :class:`SyncBatchNormError`, as do ranks disagreeing on ``needs_grad`` (a backward on
-    some ranks only would hang the others). ``timeout`` bounds the wait (``None``: the process
-    group's own timeout).
+    ``tag`` is ``(layer id, call counter)`` and ``dtype`` the input's dtype: first every rank
+    checks that all ranks are at the same call (:func:`_check_in_step`), so ranks whose tags,
+    widths or dtypes differ raise :class:`SyncBatchNormError`, as do ranks disagreeing on
+    ``needs_grad`` (a backward on some ranks only would hang the others). ``timeout`` is each
+    collective's own timeout (``None``: the process group's).
     """
     channels = mean.shape[0]
-    packed = torch.empty(_HEADER + 2 * channels, dtype=torch.float64, device=mean.device)
+    _check_in_step(
+        _FORWARD,
+        tag,
+        channels,
+        dtype,
+        needs_grad,
+        device=mean.device,
+        group=group,
+        timeout=timeout,
+        layer=layer,
+    )
+    packed = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=mean.device)
     packed[0] = count
-    packed[1] = tag[0]
-    packed[2] = tag[1]
-    packed[3] = float(needs_grad)
     if count > 0:
-        packed[_HEADER : _HEADER + channels] = mean
-        packed[_HEADER + channels :] = var * count
-    else:
-        packed[_HEADER:] = 0.0
+        packed[1 : 1 + channels] = mean
+        packed[1 + channels :] = var * count
     k = dist.get_world_size(group)
-    parts = [torch.empty_like(packed) for _ in range(k)]
     try:
-        _wait(dist.all_gather(parts, packed, group=group, async_op=True), timeout)
-    except Exception as err:  # gloo raises RuntimeError/DistBackendError subclasses
+        parts = _all_gather(packed, group, timeout)
+    except Exception as err:
         raise _fail(
             layer,
             tag,
-            f"gathering batch statistics from {k} ranks failed: another rank died, did not "
-            "call this layer (or called a layer of another size), or did not reach it within "
-            "the timeout",
+            f"gathering batch statistics from {k} ranks failed: another rank died or did not "
+            "finish the call within the timeout",
             err,
         ) from err
     table = torch.stack(parts)
-    tags = table[:, 1:3].cpu()
-    if bool((tags != torch.tensor(tag, dtype=torch.float64)).any()):
-        seen = [(int(a), int(b)) for a, b in tags.tolist()]
-        raise _fail(
-            layer,
-            tag,
-            f"ranks are out of step: the (sync_id, call) pairs that met in this collective are "
-            f"{seen}, one per rank (a rank skipped or repeated a SyncBatchNorm call); "
-            "no running statistics were updated",
-        )
-    flags = table[:, 3]
-    if bool((flags != flags[0]).any()):
-        raise _fail(
-            layer,
-            tag,
-            "some ranks need a backward through this layer and others do not "
-            f"(requires_grad per rank: {[bool(f) for f in flags]}); the backward collective "
-            "would hang. Give every rank the same grad mode and requires_grad inputs",
-        )
     mean_g, var_g, count_g = merge_statistics(
-        table[:, 0], table[:, _HEADER : _HEADER + channels], table[:, _HEADER + channels :]
+        table[:, 0], table[:, 1 : 1 + channels], table[:, 1 + channels :]
     )
-    return MergedStatistics(mean_g, var_g, count_g, bool(flags[0]))
+    return MergedStatistics(mean_g, var_g, count_g, needs_grad)
 
 
 def all_reduce_grad_sums(
@@ -213,22 +301,30 @@ def all_reduce_grad_sums(
     group: dist.ProcessGroup | None,
     timeout: datetime.timedelta | None,
     layer: str,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Sum the backward's per-channel reductions over ranks (one ``all_reduce``).
+    """Sum the backward's per-channel reductions over ranks (one ``all_reduce``), after the
+    same in-step check as the forward's (:func:`_check_in_step`).
 
     ``sum_dy`` and ``sum_dy_xmu`` are this rank's float64 (C,) sums (zeros for an empty
-    rank); returns the global sums. The tag check is described in the module docstring.
+    rank); returns the global sums.
     """
     channels = sum_dy.shape[0]
-    packed = torch.empty(2 * channels + 4, dtype=torch.float64, device=sum_dy.device)
-    packed[:channels] = sum_dy
-    packed[channels : 2 * channels] = sum_dy_xmu
-    ident = (float(tag[0]), float(tag[1] % _CALL_MOD))
-    check = torch.tensor([ident[0], ident[0] ** 2, ident[1], ident[1] ** 2], dtype=torch.float64)
-    packed[-4:] = check
+    _check_in_step(
+        _BACKWARD,
+        tag,
+        channels,
+        dtype,
+        False,
+        device=sum_dy.device,
+        group=group,
+        timeout=timeout,
+        layer=layer,
+    )
+    packed = torch.cat([sum_dy, sum_dy_xmu]).to(torch.float64)
     k = dist.get_world_size(group)
     try:
-        _wait(dist.all_reduce(packed, group=group, async_op=True), timeout)
+        _all_reduce_sum(packed, group, timeout)
     except Exception as err:
         raise _fail(
             layer,
@@ -238,14 +334,7 @@ def all_reduce_grad_sums(
             "rank must call backward on a loss that depends on the layer's output)",
             err,
         ) from err
-    if not torch.equal(packed[-4:].cpu(), check * k):
-        raise _fail(
-            layer,
-            tag,
-            "ranks are out of step in the backward: their (sync_id, call) tags differ "
-            "(the backward passes of different layers or steps met)",
-        )
-    return packed[:channels], packed[channels : 2 * channels]
+    return packed[:channels], packed[channels:]
 
 
 def sync_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | bool | None:

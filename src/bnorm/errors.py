@@ -36,10 +36,16 @@ class SyncBatchNormError(RuntimeError):
     """A synchronized batch norm could not complete its collective on this rank.
 
     Raised when another rank died or did not reach the same call within the timeout, or when
-    ranks are out of step (a rank skipped a call of the layer). The message names the layer,
-    this rank, the call counter and what happened. The running statistics are left as they
-    were before the failed call. The process group should be considered broken afterwards
-    (destroy it and restart the job): collectives already posted cannot be withdrawn.
+    ranks are out of step (a rank skipped, repeated or added a call, or called a layer of
+    another width or dtype: raised on every rank that takes part). The message names the
+    layer, this rank, the call counter and what happened. The running statistics are left as
+    they were before the failed call.
+
+    Recovery: do not use the process group again (the other ranks may be at another call);
+    call :func:`torch.distributed.destroy_process_group` and exit (a launcher such as torchrun
+    restarts the job) or initialize a new group. This returns at once: each collective of the
+    layer runs with the layer's timeout as its own, so none is left waiting on the group, and
+    the process exits without waiting for the missing rank.
     """
 
 

@@ -89,11 +89,12 @@ def batch_norm(
     _checks.check_nonfinite_policy(layer, on_nonfinite)
     if training:
         _checks.check_batch_size(layer, input)
-        _checks.check_eps(layer, eps)
+        _checks.check_eps(layer, eps, training=True)
     else:
         _checks.check_eps(layer, eps, allow_zero=True)
         if running_mean is None or running_var is None:
             raise ValueError(f"{layer}: running_mean must be defined in evaluation mode")
+    _checks.check_momentum(layer, momentum)
     if input.dim() < 2:
         if input.numel() == 0:
             return input.clone()  # torch returns an empty result for a (0,) input
@@ -107,7 +108,7 @@ def batch_norm(
         "weight": weight,
         "bias": bias,
     }
-    _checks.check_per_channel(layer, input, per_channel)
+    _checks.check_per_channel(layer, input, per_channel, empty_ok=True)
     return batch_norm_unchecked(
         input,
         running_mean,

@@ -100,6 +100,7 @@ class _BatchNormBase:
         )
         if affine and not bias:
             self.register_parameter("bias", None)  # type: ignore[attr-defined]
+        _checks.check_momentum(self._layer_name(), momentum)
         self.on_nonfinite = _checks.check_nonfinite_policy(self._layer_name(), on_nonfinite)
         self.small_batch = _checks.check_small_batch_policy(self._layer_name(), small_batch)
 
@@ -114,21 +115,23 @@ class _BatchNormBase:
         (Not under ``torch.jit.trace``, where the checks' comparisons would be traced.)"""
         if torch.jit.is_tracing():
             return
-        name = self._layer_name()
-        _checks.check_tensor(name, input)
-        _checks.check_rank(name, input, self._ranks, self._layout)
-        _checks.check_channels(name, input, self.num_features)
-        per_channel = {
-            "weight": self.weight,
-            "bias": self.bias,
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-        }
-        _checks.check_per_channel(name, input, per_channel)
-        _checks.check_eps(name, self.eps)
-        _checks.check_nonfinite_policy(name, self.on_nonfinite)
-        if use_batch_stats:
-            _checks.check_batch_size(name, input)
+        _checks.check_call(
+            self._layer_name(),
+            input,
+            ranks=self._ranks or None,
+            layout=self._layout,
+            num_features=self.num_features,
+            tensors={
+                "weight": self.weight,
+                "bias": self.bias,
+                "running_mean": self.running_mean,
+                "running_var": self.running_var,
+            },
+            eps=self.eps,
+            momentum=self.momentum,
+            on_nonfinite=self.on_nonfinite,
+            use_batch_stats=use_batch_stats,
+        )
 
     def _uses_running_stats_for(self, input: Tensor) -> bool:
         """The batch-of-one policy: with ``small_batch="running"``, a training batch holding one

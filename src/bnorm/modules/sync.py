@@ -88,9 +88,19 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
     layer the same number of times, and when the output takes part in autograd every rank runs
     the backward through it (call ``backward`` on a loss that depends on the output, even on an
     empty rank: e.g. ``out.sum() * 0`` works). Ranks disagreeing on whether a backward will
-    run are detected in the forward. A broken rule, a dead rank or a rank that does not arrive
-    within ``timeout`` raises :class:`~bnorm.distributed.SyncBatchNormError` naming the layer,
-    the rank and the call; the running statistics are then unchanged.
+    run are detected in the forward. Before each collective, the ranks check that they are at
+    the same layer and call, with the same width and dtype (one small fixed-size collective),
+    so a rank that skips, repeats or adds a call makes every rank raise. A broken rule, a dead
+    rank or a rank that does not arrive within ``timeout`` raises
+    :class:`~bnorm.distributed.SyncBatchNormError` naming the layer, the rank and the call; the
+    running statistics are then unchanged.
+
+    Recovery from :class:`~bnorm.distributed.SyncBatchNormError`: call
+    :func:`torch.distributed.destroy_process_group` and exit, or initialize a new group; do not
+    run collectives on the old one. It returns at once, and the process exits without waiting
+    for the missing rank, because ``timeout`` is each collective's own timeout (the backend
+    fails the operation, none stays posted). With ``timeout=None`` the group's timeout plays
+    that part, so the error itself takes that long.
 
     Conventions: ``momentum`` is PyTorch's update rate (``None``: cumulative average); the
     running variance is unbiased; eps defaults to 1e-5.
@@ -108,8 +118,9 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
         bias: with ``affine``, whether to learn ``bias`` (keyword only).
         on_nonfinite: ``"warn"`` or ``"raise"`` for a global batch holding NaN/Inf.
         timeout: seconds (or a timedelta) each collective of this layer may wait for the other
-            ranks before raising; ``None`` (default) uses the process group's timeout
-            (``init_process_group(timeout=...)``, 30 minutes by default for gloo).
+            ranks before it fails and the layer raises; ``None`` (default) uses the process
+            group's timeout (``init_process_group(timeout=...)``, 30 minutes by default for
+            gloo).
 
     Attributes (not in the state_dict):
         sync_id: this layer's identity in the collectives, the order in which SyncBatchNorm
@@ -164,24 +175,23 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
             )
 
     def _check_input(self, input: Tensor, use_batch_stats: bool) -> None:
-        name = self._layer_name()
-        _checks.check_tensor(name, input)
-        self._check_input_dim(input)
-        _checks.check_channels(name, input, self.num_features)
-        _checks.check_per_channel(
-            name,
+        _checks.check_call(
+            self._layer_name(),
             input,
-            {
+            ranks=None,
+            layout="(N, C, *)",
+            num_features=self.num_features,
+            tensors={
                 "weight": self.weight,
                 "bias": self.bias,
                 "running_mean": self.running_mean,
                 "running_var": self.running_var,
             },
+            eps=self.eps,
+            momentum=self.momentum,
+            on_nonfinite=self.on_nonfinite,
+            use_batch_stats=use_batch_stats,
         )
-        _checks.check_eps(name, self.eps)
-        _checks.check_nonfinite_policy(name, self.on_nonfinite)
-        if use_batch_stats:
-            _checks.check_batch_size(name, input)
 
     def forward(self, input: Tensor) -> Tensor:
         group = _dist.sync_group(self.process_group) if self.training else False
@@ -214,6 +224,7 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
             group=group,
             timeout=self.timeout,
             layer=name,
+            dtype=x.dtype,
         )
         self._sync_calls = tag[1]
         if merged.count == 1:
@@ -306,6 +317,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             group=info.group,
             timeout=info.timeout,
             layer=info.layer,
+            dtype=x.dtype,
         )
         dx = None
         if need_x:
