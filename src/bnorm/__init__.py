@@ -13,7 +13,8 @@ Public API (everything else is private):
 - data-parallel: :class:`SyncBatchNorm`, :class:`SyncBatchNormAct`,
   :func:`convert_sync_batchnorm`, :mod:`bnorm.distributed`
 - tools on whole models: :func:`convert`, :func:`fold`, :func:`freeze`/:func:`unfreeze`,
-  :func:`precise_bn`
+  :func:`precise_bn`; their report :class:`ConversionSummary` and :class:`LayersLeftWarning`;
+  :func:`fuse_custom_config` for torch.ao's ``fuse_modules``
 - the CPU kernels' output buffer cache: :func:`set_buffer_cache`, :func:`empty_buffer_cache`,
   :func:`buffer_cache_info`
 - errors and warnings: :mod:`bnorm.errors`
@@ -53,9 +54,12 @@ from .modules import SyncBatchNorm as SyncBatchNorm
 from .modules import SyncBatchNormAct as SyncBatchNormAct
 from .modules import convert_sync_batchnorm as convert_sync_batchnorm
 from .modules.renorm import linear_ramp as linear_ramp
+from .tools import ConversionSummary as ConversionSummary
+from .tools import LayersLeftWarning as LayersLeftWarning
 from .tools import convert as convert
 from .tools import fold as fold
 from .tools import freeze as freeze
+from .tools import fuse_custom_config as fuse_custom_config
 from .tools import precise_bn as precise_bn
 from .tools import unfreeze as unfreeze
 

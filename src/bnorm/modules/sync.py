@@ -356,7 +356,7 @@ def convert_sync_batchnorm(
     Converted: torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, bnorm's ``BatchNorm1d/2d/3d``
     (exact classes), and ``BatchNormAct1d/2d`` (bnorm's; a memory-efficient one becomes a plain
     synchronized one) and timm's ``BatchNormAct2d``/``SyncBatchNormAct`` (their ``.act`` and
-    ``.drop`` modules kept). Left, with a :class:`~bnorm.tools.convert.LayersLeftWarning` listing
+    ``.drop`` modules kept). Left, with a :class:`bnorm.LayersLeftWarning` listing
     them: subclasses of torch's batch norm (unlike torch's ``convert_sync_batchnorm``, which
     turns them into plain SyncBatchNorm and so drops whatever they add, as it drops timm's
     activation) and other batch-norm-like layers that compute something else (renorm, ghost
@@ -366,7 +366,7 @@ def convert_sync_batchnorm(
     optimizer built before still updates them), its mode, hooks and ``on_nonfinite`` setting;
     ``timeout`` is set on every converted layer. Changes ``module`` in place and returns it (or
     the new layer, if ``module`` is itself a batch norm); with ``return_summary=True``,
-    ``(module, summary)`` (a :class:`~bnorm.tools.convert.ConversionSummary`, also logged on
+    ``(module, summary)`` (a :class:`bnorm.ConversionSummary`, also logged on
     the ``"bnorm"`` logger). Not an error when not distributed: the layers then compute local
     batch norm. To go back to local layers after training, load the state_dict into the
     original model: the keys are the same.

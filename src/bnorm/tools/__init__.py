@@ -1,6 +1,8 @@
 """Tools that work on whole models: convert (torch <-> bnorm layers), fold (BN into the
 preceding layer for inference), freeze/unfreeze (frozen BN), precise_bn (exact statistics)."""
 
+from .convert import ConversionSummary as ConversionSummary
+from .convert import LayersLeftWarning as LayersLeftWarning
 from .convert import convert as convert
 from .fold import fold as fold
 from .fold import fold_weights as fold_weights

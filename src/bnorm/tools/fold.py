@@ -205,7 +205,7 @@ def fold(
     assumption that the pair sees ``(N, features)`` inputs, as such a pair normally does.
 
     Every batch-norm-like layer not folded is listed, with the reason, in a
-    :class:`~bnorm.tools.convert.LayersLeftWarning` and the summary (``return_summary=True``
+    :class:`bnorm.LayersLeftWarning` and the summary (``return_summary=True``
     returns ``(folded, summary)``; the summary is also logged on the ``"bnorm"`` logger).
 
     The original model is not modified. In evaluation the folded model's outputs equal
@@ -283,7 +283,7 @@ def fuse_custom_config() -> dict[str, Any]:
     Usage::
 
         fuse_modules(model, [["conv", "bn", "relu"]],
-                     fuse_custom_config_dict=bnorm.tools.fold.fuse_custom_config())
+                     fuse_custom_config_dict=bnorm.fuse_custom_config())
 
     The other route, for every torch.ao and torch.fx tool (``prepare_fx``/``convert_fx``,
     ``torch.fx.experimental.optimization.fuse``): ``bnorm.convert(model, to="torch")`` first.

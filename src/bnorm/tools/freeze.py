@@ -42,7 +42,7 @@ def freeze(
     norm's); batch norm + activation layers (bnorm's ``BatchNormAct1d/2d``, timm's
     ``BatchNormAct2d``) become :class:`bnorm.FrozenBatchNormAct1d`/``2d`` holding the same
     ``.act`` and ``.drop`` modules. Left alone, listed in a
-    :class:`~bnorm.tools.convert.LayersLeftWarning`: layers without running statistics
+    :class:`bnorm.LayersLeftWarning`: layers without running statistics
     (``track_running_stats=False``: their evaluation uses batch statistics, which cannot be
     frozen), ``SyncBatchNorm``, uninitialized lazy layers and other batch-norm-like layers.
 
@@ -51,7 +51,7 @@ def freeze(
     and get no gradient; the running statistics are no longer updated. The model is changed in
     place and returned (a batch-norm ``model`` itself is returned frozen); with
     ``return_summary=True``, ``(model, summary)`` (a
-    :class:`~bnorm.tools.convert.ConversionSummary`, also logged on the ``"bnorm"`` logger).
+    :class:`bnorm.ConversionSummary`, also logged on the ``"bnorm"`` logger).
     :func:`unfreeze` reverses this.
     """
     _check(model, "freeze")
