@@ -234,7 +234,10 @@ def fold(
         if not is_batch_norm_like(m):
             continue
         if isinstance(m, _BatchNorm):
-            why = reasons.get(id(m), "not directly after a convolution or linear layer")
+            why = reasons.get(
+                id(m),
+                "not directly after a convolution or linear layer whose output only it uses",
+            )
         else:
             why = "not a batch norm fold knows (frozen, or another library's)"
         summary.left.append((name, class_label(type(m)), why))
