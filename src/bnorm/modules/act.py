@@ -435,6 +435,8 @@ class _ActMixin:
         inplace: bool,
         apply_act: bool,
         drop_layer: Callable[[], nn.Module] | None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if isinstance(act_layer, str) and act_layer.lower() == "elu":
             a = (act_kwargs or {}).get("alpha", 1.0)
@@ -444,6 +446,9 @@ class _ActMixin:
             act = create_act(act_layer, act_kwargs, inplace, apply_act)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+        if device is not None or dtype is not None:
+            # an activation with parameters (PReLU) lives where batch norm's do
+            act = act.to(device=device, dtype=dtype)
         # timm's order: drop, then act (state_dict and repr list them so)
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = act
@@ -503,7 +508,7 @@ class _BatchNormActBase(_ActMixin, _BatchNormBase):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
         )
-        self._set_act(name, act_layer, act_kwargs, inplace, apply_act, drop_layer)
+        self._set_act(name, act_layer, act_kwargs, inplace, apply_act, drop_layer, device, dtype)
         self.memory_efficient = bool(memory_efficient)
         self.overwrite_input = bool(overwrite_input)
         if self.memory_efficient:
@@ -649,7 +654,9 @@ class SyncBatchNormAct(_ActMixin, SyncBatchNorm):
             dtype,
             **kwargs,
         )
-        self._set_act(self._layer_name(), act_layer, act_kwargs, inplace, apply_act, drop_layer)
+        self._set_act(
+            self._layer_name(), act_layer, act_kwargs, inplace, apply_act, drop_layer, device, dtype
+        )
 
     def forward(self, input: Tensor) -> Tensor:
         return self._drop_act(super().forward(input))
@@ -688,7 +695,7 @@ class _FrozenBatchNormActBase(_ActMixin):
     ) -> None:
         super().__init__(num_features, eps, device=device, dtype=dtype)  # type: ignore[call-arg]
         name = f"{type(self).__name__}({num_features})"
-        self._set_act(name, act_layer, act_kwargs, inplace, apply_act, drop_layer)
+        self._set_act(name, act_layer, act_kwargs, inplace, apply_act, drop_layer, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._drop_act(super().forward(input))  # type: ignore[misc]
