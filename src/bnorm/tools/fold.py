@@ -297,8 +297,12 @@ def fuse_custom_config() -> dict[str, Any]:
         (nn.Conv2d, _bn.BatchNorm2d),
         (nn.Conv3d, _bn.BatchNorm3d),
     )
+    patterns = [(nn.Linear, _bn.BatchNorm1d)]
     for conv, bn in convs:
-        for types in ((conv, bn), (conv, bn, nn.ReLU), (bn, nn.ReLU)):
+        patterns += [(conv, bn), (conv, bn, nn.ReLU), (bn, nn.ReLU)]
+    for types in patterns:
+        try:
             mapping[types] = _delegating(types)
-    mapping[(nn.Linear, _bn.BatchNorm1d)] = _delegating((nn.Linear, _bn.BatchNorm1d))
+        except AssertionError:  # torch has no fuser for this pattern either (e.g. BN1d+ReLU)
+            continue
     return {"additional_fuser_method_mapping": mapping}
