@@ -162,15 +162,22 @@ def test_state_dict_is_batch_norms_and_checks():
     assert "(act): ELU(alpha=1.0" in repr(m) and "memory_efficient=True" in repr(m)
 
 
-def test_freeze_leaves_it_and_precise_bn_sees_its_input():
+def test_precise_bn_sees_its_input_and_freeze_keeps_the_activation():
     net = nn.Sequential(nn.Linear(2, 3), bnorm.BatchNormAct1d(3, "leaky_relu", True))
-    assert type(bnorm.freeze(net)[1]) is bnorm.BatchNormAct1d
     data = [torch.randn(6, 2) + 3, torch.randn(4, 2)]
     bnorm.precise_bn(net, data)
     with torch.no_grad():
         inputs = torch.cat([net[0](d) for d in data])
     assert_close(net[1].running_mean, inputs.mean(0), atol=1e-5, rtol=1e-5)
     assert_close(net[1].running_var, inputs.var(0), atol=1e-5, rtol=1e-5)
+    act = net[1].act
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        expected = net.eval()(x)
+    bnorm.freeze(net).train()
+    assert type(net[1]) is bnorm.FrozenBatchNormAct1d and net[1].act is act
+    with torch.no_grad():
+        assert_close(net(x), expected, atol=0, rtol=0)  # frozen = evaluation, bit for bit
 
 
 @given(
