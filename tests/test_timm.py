@@ -259,3 +259,36 @@ def test_convert_sync_batchnorm_keeps_timms_activation():
         warnings.simplefilter("error")
         back = bnorm.convert(model, to="torch")
     assert type(back[1]).__name__ == "SyncBatchNormAct" and type(back[1].act) is nn.Hardswish
+    assert type(back[1]).__module__ == "timm.layers.norm_act"
+    # timm's own conversion gives timm's SyncBatchNormAct; bnorm.convert makes it bnorm's
+    timms = timm.layers.convert_sync_batchnorm(nn.Sequential(TimmBNAct(4, act_layer="silu")))
+    ours, summary = bnorm.convert(timms, return_summary=True)
+    assert summary.converted == {"timm.SyncBatchNormAct -> bnorm.SyncBatchNormAct": 1}
+    assert type(ours[0].act) is nn.SiLU
+    z = torch.randn(2, 4, 3, 3)
+    expected = F.silu(F.batch_norm(z, None, None, training=True))
+    assert_close(ours(z), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_timm
+def test_timms_freeze_and_unfreeze_work_on_a_model_converted_back():
+    """timm's freeze_batch_norm_2d recognizes only timm's BatchNormAct2d (it turns any other
+    BatchNorm2d subclass, bnorm's included, into a plain frozen batch norm without the
+    activation): convert(to="torch") first, then timm's tools work, and convert brings the
+    frozen layers to bnorm."""
+    from timm.layers import freeze_batch_norm_2d, unfreeze_batch_norm_2d
+
+    torch.manual_seed(0)
+    model = bnorm.convert(timm.create_model("regnetx_002", pretrained=False)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    total = len(_bn_like_types(model))
+    frozen = freeze_batch_norm_2d(bnorm.convert(model, to="torch"))
+    assert {t.__name__ for t in _bn_like_types(frozen)} == {"FrozenBatchNormAct2d"}
+    frozen, summary = bnorm.convert(frozen, return_summary=True)
+    assert summary.converted == {"timm.FrozenBatchNormAct2d -> bnorm.FrozenBatchNormAct2d": total}
+    with torch.no_grad():
+        assert_close(frozen.train()(x), expected, atol=1e-5, rtol=1e-5)
+    back = unfreeze_batch_norm_2d(bnorm.convert(frozen, to="torch"))
+    assert len(_bn_like_types(back)) == total

@@ -230,6 +230,11 @@ def _to_torch(m: nn.Module) -> nn.Module | str | None:
         drop = (*_bnorm_only(cls), "sync_id", "timeout", "_sync_calls")
         return retyped(m, target, drop=drop)
     if cls.__module__.split(".")[0] == "bnorm" and is_batch_norm_like(m):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and "Sync" in cls.__name__:
+            return (
+                "torch's SyncBatchNorm runs on GPU only: load the state_dict into a model "
+                "with local layers instead (the keys are the same)"
+            )
         return "no torch or timm equivalent"
     return None
 
