@@ -516,6 +516,12 @@ class _BatchNormActBase(_ActMixin, _BatchNormBase):
 
     def _check_invertible(self, name: str) -> tuple[str, float, float]:
         spec = invertible_spec(self.act)
+        if spec is None and type(self.act) in (nn.LeakyReLU, nn.ELU):
+            what = "negative_slope" if type(self.act) is nn.LeakyReLU else "alpha"
+            raise ValueError(
+                f"{name}: memory_efficient=True needs {what} > 0 to invert {self.act}, got "
+                f"{getattr(self.act, what)}"
+            )
         if spec is None:
             raise ValueError(
                 f"{name}: memory_efficient=True needs an invertible activation, and "
