@@ -158,3 +158,19 @@ def test_bad_arguments():
         bnorm.convert(nn.BatchNorm1d(2), to="keras")
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module"):
         bnorm.convert([nn.BatchNorm1d(2)])
+
+
+def test_to_torch_frozen_layers_go_to_torchvision_or_are_listed():
+    try:
+        import torchvision.ops.misc as tv_misc
+    except Exception:  # absent, or a build that does not import beside this torch
+        tv_misc = None
+    model = nn.Sequential(bnorm.FrozenBatchNorm2d(3))
+    if tv_misc is None:
+        with pytest.warns(bnorm.LayersLeftWarning, match="torchvision is not importable"):
+            bnorm.convert(model, to="torch")
+        assert type(model[0]) is bnorm.FrozenBatchNorm2d
+    else:
+        bnorm.convert(model, to="torch")
+        assert type(model[0]) is tv_misc.FrozenBatchNorm2d
+        assert "num_batches_tracked" not in model.state_dict()

@@ -216,14 +216,18 @@ def _to_torch(m: nn.Module) -> nn.Module | str | None:
         _act.BatchNormAct2d: (_TIMM, "BatchNormAct2d"),
         _act.SyncBatchNormAct: (_TIMM, "SyncBatchNormAct"),
         _act.FrozenBatchNormAct2d: (_TIMM, "FrozenBatchNormAct2d"),
+        _frozen.FrozenBatchNorm2d: (_TORCHVISION, "FrozenBatchNorm2d"),
     }
     if cls in external:
         if getattr(m, "memory_efficient", False):
             return "memory_efficient=True has no timm equivalent"
         target = _external(*external[cls])
         if target is None:
-            return f"its equivalent is timm's {external[cls][1]}, and timm is not importable"
-        if cls is _act.FrozenBatchNormAct2d:
+            library = external[cls][0].split(".")[0]
+            return (
+                f"its equivalent is {library}'s {external[cls][1]}, and {library} is not importable"
+            )
+        if cls in (_act.FrozenBatchNormAct2d, _frozen.FrozenBatchNorm2d):
             new = retyped(m, target, drop=("_unfrozen",))
             new._buffers.pop("num_batches_tracked", None)
             return new
@@ -250,9 +254,9 @@ def convert(
     :class:`bnorm.BatchNormAct2d`, :class:`bnorm.SyncBatchNormAct` and
     :class:`bnorm.FrozenBatchNormAct2d` (activation and drop modules kept); torchvision's
     ``FrozenBatchNorm2d`` becomes :class:`bnorm.FrozenBatchNorm2d` (bnorm's frozen layers hold a
-    ``num_batches_tracked`` buffer, added as 0). ``to="torch"`` reverses each of these, timm's
-    and torchvision's classes where those libraries import; a memory-efficient
-    ``BatchNormAct`` has no timm equivalent and is left.
+    ``num_batches_tracked`` buffer, added as 0). ``to="torch"`` reverses each of these, to
+    timm's and torchvision's classes where those libraries import (else the layers are left and
+    listed); a memory-efficient ``BatchNormAct`` has no timm equivalent and is left.
 
     The new layers take over the old ones' parameters and buffers (the same tensor objects, so
     an optimizer built before still holds them), their train/eval mode and their hooks; the
