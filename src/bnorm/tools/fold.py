@@ -241,7 +241,7 @@ def fold(
         else:
             why = "not a batch norm fold knows (frozen, or another library's)"
         summary.left.append((name, class_label(type(m)), why))
-    report(summary, stacklevel=2)
+    report(summary, stacklevel=3)
     return (folded, summary) if return_summary else folded
 
 
