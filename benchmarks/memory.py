@@ -73,7 +73,9 @@ def variants() -> dict[str, Callable[[int], Any]]:
             c, "elu", memory_efficient=True
         ),
         "bnorm BatchNormAct2d(leaky_relu, memory_efficient, inplace)": (
-            lambda c: bnorm.BatchNormAct2d(c, "leaky_relu", memory_efficient=True, inplace=True)
+            lambda c: bnorm.BatchNormAct2d(
+                c, "leaky_relu", memory_efficient=True, overwrite_input=True
+            )
         ),
     }
 

@@ -9,10 +9,12 @@ Public API (everything else is private):
 - remedies for batch norm's limitations: :class:`BatchRenorm1d`/``2d``/``3d`` (with
   :func:`linear_ramp`), :class:`GhostBatchNorm1d`/``2d``, :class:`RecurrentBatchNorm1d`,
   :class:`BNLSTMCell`, :class:`BNLSTM`, :class:`FrozenBatchNorm1d`/``2d``/``3d``,
-  :class:`BatchNormAct1d`/``2d``
-- data-parallel: :class:`SyncBatchNorm`, :func:`convert_sync_batchnorm`, :mod:`bnorm.distributed`
+  :class:`BatchNormAct1d`/``2d``, :class:`FrozenBatchNormAct1d`/``2d``
+- data-parallel: :class:`SyncBatchNorm`, :class:`SyncBatchNormAct`,
+  :func:`convert_sync_batchnorm`, :mod:`bnorm.distributed`
 - tools on whole models: :func:`convert`, :func:`fold`, :func:`freeze`/:func:`unfreeze`,
-  :func:`precise_bn`
+  :func:`precise_bn`; their report :class:`ConversionSummary` and :class:`LayersLeftWarning`;
+  :func:`fuse_custom_config` for torch.ao's ``fuse_modules``
 - the operators (``torch.ops.bnorm.*``) and their Python side: :mod:`bnorm.ops`
 - errors and warnings: :mod:`bnorm.errors`
 - the lab (experiments, report): :mod:`bnorm.lab`, imported on demand (it needs the ``lab`` extra)
@@ -40,15 +42,21 @@ from .modules import BNLSTMCell as BNLSTMCell
 from .modules import FrozenBatchNorm1d as FrozenBatchNorm1d
 from .modules import FrozenBatchNorm2d as FrozenBatchNorm2d
 from .modules import FrozenBatchNorm3d as FrozenBatchNorm3d
+from .modules import FrozenBatchNormAct1d as FrozenBatchNormAct1d
+from .modules import FrozenBatchNormAct2d as FrozenBatchNormAct2d
 from .modules import GhostBatchNorm1d as GhostBatchNorm1d
 from .modules import GhostBatchNorm2d as GhostBatchNorm2d
 from .modules import RecurrentBatchNorm1d as RecurrentBatchNorm1d
 from .modules import SyncBatchNorm as SyncBatchNorm
+from .modules import SyncBatchNormAct as SyncBatchNormAct
 from .modules import convert_sync_batchnorm as convert_sync_batchnorm
 from .modules.renorm import linear_ramp as linear_ramp
+from .tools import ConversionSummary as ConversionSummary
+from .tools import LayersLeftWarning as LayersLeftWarning
 from .tools import convert as convert
 from .tools import fold as fold
 from .tools import freeze as freeze
+from .tools import fuse_custom_config as fuse_custom_config
 from .tools import precise_bn as precise_bn
 from .tools import unfreeze as unfreeze
 

@@ -122,18 +122,14 @@ def test_plain_matches_torch_batch_norm_and_activation(act):
 
 def test_memory_efficient_keeps_only_its_output():
     m = bnorm.BatchNormAct2d(8, "leaky_relu", memory_efficient=True)
-    plain = bnorm.BatchNormAct2d(8, "leaky_relu")
     x = torch.randn(4, 8, 6, 6, requires_grad=True)
-    for layer, expected_big in ((m, 1), (plain, 2)):
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(
-            lambda t, s=saved: s.append(t) or t, lambda t: t
-        ):
-            y = layer(x * 1)  # x * 1: a fresh input the layer alone would keep
-        big = {t.untyped_storage().data_ptr() for t in saved if t.numel() == x.numel()}
-        assert len(big) == expected_big
-        if layer is m:
-            assert big == {y.untyped_storage().data_ptr()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        h = x * 1  # a fresh input the layer alone would keep
+        y = m(h)
+    big = {t.untyped_storage().data_ptr() for t in saved if t.numel() == x.numel()}
+    assert big == {y.untyped_storage().data_ptr()}
+    assert h.untyped_storage().data_ptr() not in big
 
 
 def test_state_dict_is_batch_norms_and_checks():
@@ -151,7 +147,7 @@ def test_state_dict_is_batch_norms_and_checks():
         for way in ("leaky_relu", "elu", "identity", "memory_efficient=False"):
             assert way in str(e)
     with pytest.raises(ValueError, match="act must be one of"):
-        bnorm.BatchNormAct2d(3, "gelu")
+        bnorm.BatchNormAct2d(3, act="no_such_activation")
     with pytest.raises(ValueError, match="negative_slope > 0"):
         bnorm.BatchNormAct2d(3, "leaky_relu", memory_efficient=True, negative_slope=0.0)
     with torch.no_grad():
@@ -163,18 +159,25 @@ def test_state_dict_is_batch_norms_and_checks():
         assert torch.equal(v, before[k])
     with torch.no_grad():
         assert m(torch.randn(4, 3)).shape == (4, 3)  # inference needs no inversion
-    assert "act='elu'" in repr(m) and "memory_efficient=True" in repr(m)
+    assert "(act): ELU(alpha=1.0" in repr(m) and "memory_efficient=True" in repr(m)
 
 
-def test_freeze_leaves_it_and_precise_bn_sees_its_input():
+def test_precise_bn_sees_its_input_and_freeze_keeps_the_activation():
     net = nn.Sequential(nn.Linear(2, 3), bnorm.BatchNormAct1d(3, "leaky_relu", True))
-    assert type(bnorm.freeze(net)[1]) is bnorm.BatchNormAct1d
     data = [torch.randn(6, 2) + 3, torch.randn(4, 2)]
     bnorm.precise_bn(net, data)
     with torch.no_grad():
         inputs = torch.cat([net[0](d) for d in data])
     assert_close(net[1].running_mean, inputs.mean(0), atol=1e-5, rtol=1e-5)
     assert_close(net[1].running_var, inputs.var(0), atol=1e-5, rtol=1e-5)
+    act = net[1].act
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        expected = net.eval()(x)
+    bnorm.freeze(net).train()
+    assert type(net[1]) is bnorm.FrozenBatchNormAct1d and net[1].act is act
+    with torch.no_grad():
+        assert_close(net(x), expected, atol=0, rtol=0)  # frozen = evaluation, bit for bit
 
 
 @given(
@@ -198,9 +201,9 @@ def test_hypothesis_efficient_equals_plain(act, n, length, training, slope):
 
 @pytest.mark.parametrize("act", INVERTIBLE)
 @pytest.mark.parametrize("training", [True, False])
-def test_inplace_overwrites_the_input_and_keeps_the_gradients(act, training):
+def test_overwrite_input_writes_the_output_into_the_input_and_keeps_the_gradients(act, training):
     efficient, plain = _pair(bnorm.BatchNormAct2d, 3, act)
-    inplace = bnorm.BatchNormAct2d(3, act, True, inplace=True, dtype=torch.float64)
+    inplace = bnorm.BatchNormAct2d(3, act, True, overwrite_input=True, dtype=torch.float64)
     inplace.load_state_dict(efficient.state_dict())
     for m in (inplace, plain):
         m.train(training)
@@ -220,17 +223,19 @@ def test_inplace_overwrites_the_input_and_keeps_the_gradients(act, training):
         assert_close(v, plain.state_dict()[k], atol=1e-14, rtol=1e-13, what=k)
 
 
-def test_inplace_gradcheck_low_precision_and_errors():
-    m = bnorm.BatchNormAct1d(2, "elu", True, inplace=True, momentum=0.0, dtype=torch.float64)
+def test_overwrite_input_gradcheck_low_precision_and_errors():
+    m = bnorm.BatchNormAct1d(
+        2, act="elu", memory_efficient=True, overwrite_input=True, momentum=0.0, dtype=torch.float64
+    )
     with torch.no_grad():
         m.weight.copy_(torch.tensor([0.7, -1.3], dtype=torch.float64))
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: m(x * 1), (x,))
     with pytest.raises(ValueError, match="cannot be a leaf tensor that requires grad"):
         m(x)
-    with pytest.raises(ValueError, match="inplace=True is part of memory_efficient=True"):
-        bnorm.BatchNormAct1d(2, "elu", inplace=True)
-    half = bnorm.BatchNormAct2d(3, "leaky_relu", True, inplace=True)
+    with pytest.raises(ValueError, match="overwrite_input=True is part of memory_efficient=True"):
+        bnorm.BatchNormAct1d(2, "elu", overwrite_input=True)
+    half = bnorm.BatchNormAct2d(3, "leaky_relu", True, overwrite_input=True)
     plain = bnorm.BatchNormAct2d(3, "leaky_relu")
     xb = torch.randn(2, 3, 4, 4).to(torch.bfloat16)
     assert_close(half(xb.clone()), plain(xb), atol=1e-2, rtol=1e-2)  # fp32 compute, bf16 out

@@ -101,7 +101,8 @@ def test_freeze_model_then_train_keeps_bn_frozen_and_round_trips():
     x = torch.randn(6, 3, 4, 4)
     before = net(x)
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    assert bnorm.freeze(net) is net
+    with pytest.warns(bnorm.LayersLeftWarning, match=r"stateless \(torch.BatchNorm1d\): no "):
+        assert bnorm.freeze(net) is net
     assert type(net.features[1]) is bnorm.FrozenBatchNorm2d
     assert type(net.head[2]) is bnorm.FrozenBatchNorm1d
     assert type(net.stateless) is nn.BatchNorm1d  # batch statistics cannot be frozen

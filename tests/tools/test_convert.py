@@ -95,13 +95,62 @@ def test_converted_layer_does_not_share_containers_with_the_original():
     assert "extra" not in dict(bn.named_buffers())
 
 
-def test_subclasses_and_other_norms_are_left_alone():
+def test_subclasses_and_other_norms_are_left_alone_with_a_warning_naming_them():
     class MyBN(nn.BatchNorm2d):
         pass
 
-    model = nn.Sequential(MyBN(3), nn.GroupNorm(1, 3), nn.SyncBatchNorm(3))
-    bnorm.convert(model)
-    assert [type(m) for m in model] == [MyBN, nn.GroupNorm, nn.SyncBatchNorm]
+    model = nn.Sequential(MyBN(3), nn.GroupNorm(1, 3), nn.SyncBatchNorm(3), nn.BatchNorm2d(3))
+    with pytest.warns(bnorm.LayersLeftWarning, match=r"left 2 .*0 \(.*MyBN\): a subclass") as w:
+        _, summary = bnorm.convert(model, return_summary=True)
+    assert "2 (torch.SyncBatchNorm): a SyncBatchNorm: bnorm.convert_sync_batchnorm" in str(
+        w[0].message
+    )
+    assert [type(m) for m in model] == [MyBN, nn.GroupNorm, nn.SyncBatchNorm, bnorm.BatchNorm2d]
+    assert summary.converted == {"torch.BatchNorm2d -> bnorm.BatchNorm2d": 1}
+    assert [(name, why.split(":")[0]) for name, _, why in summary.left] == [
+        ("0", "a subclass of torch's batch norm"),
+        ("2", "a SyncBatchNorm"),
+    ]
+
+
+def test_summary_is_returned_logged_and_silent_when_nothing_is_left(caplog, recwarn):
+    model = _trained_block()
+    with caplog.at_level("INFO", logger="bnorm"):
+        same = bnorm.convert(model)
+    assert same is model  # the return value is unchanged without return_summary
+    assert "convert to bnorm: 2 layer(s) changed, 0 left" in caplog.text
+    assert "1 x torch.BatchNorm1d -> bnorm.BatchNorm1d" in caplog.text
+    assert not recwarn.list
+    _, back = bnorm.convert(model, to="torch", return_summary=True)
+    assert back.converted == {
+        "bnorm.BatchNorm2d -> torch.BatchNorm2d": 1,
+        "bnorm.BatchNorm1d -> torch.BatchNorm1d": 1,
+    }
+    assert back.num_converted == 2 and "2 layer(s) changed" in str(back)
+
+
+def test_to_torch_lists_bnorm_layers_without_a_torch_equivalent():
+    model = nn.Sequential(bnorm.BatchRenorm1d(3), bnorm.BatchNorm1d(3))
+    with pytest.warns(bnorm.LayersLeftWarning, match=r"0 \(bnorm.BatchRenorm1d\): no torch"):
+        bnorm.convert(model, to="torch")
+    assert [type(m) for m in model] == [bnorm.BatchRenorm1d, nn.BatchNorm1d]
+
+
+def test_torchvisions_frozen_batch_norm_becomes_bnorms():
+    from timm_shim import FrozenBatchNorm2d as TorchvisionFrozen  # torchvision's class and math
+
+    frozen = TorchvisionFrozen(3)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean"):
+            getattr(frozen, name).uniform_(-1, 1)
+        frozen.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 4, 4)
+    expected = frozen(x)
+    model, summary = bnorm.convert(nn.Sequential(frozen), return_summary=True)
+    assert type(model[0]) is bnorm.FrozenBatchNorm2d
+    assert summary.converted == {"torchvision.FrozenBatchNorm2d -> bnorm.FrozenBatchNorm2d": 1}
+    assert_close(model(x), expected, atol=1e-6, rtol=1e-6)
+    assert model[0].weight is frozen.weight
 
 
 def test_bad_arguments():
@@ -109,3 +158,19 @@ def test_bad_arguments():
         bnorm.convert(nn.BatchNorm1d(2), to="keras")
     with pytest.raises(TypeError, match=r"expected a torch\.nn\.Module"):
         bnorm.convert([nn.BatchNorm1d(2)])
+
+
+def test_to_torch_frozen_layers_go_to_torchvision_or_are_listed():
+    try:
+        import torchvision.ops.misc as tv_misc
+    except Exception:  # absent, or a build that does not import beside this torch
+        tv_misc = None
+    model = nn.Sequential(bnorm.FrozenBatchNorm2d(3))
+    if tv_misc is None:
+        with pytest.warns(bnorm.LayersLeftWarning, match="torchvision is not importable"):
+            bnorm.convert(model, to="torch")
+        assert type(model[0]) is bnorm.FrozenBatchNorm2d
+    else:
+        bnorm.convert(model, to="torch")
+        assert type(model[0]) is tv_misc.FrozenBatchNorm2d
+        assert "num_batches_tracked" not in model.state_dict()

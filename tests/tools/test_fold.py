@@ -28,10 +28,20 @@ def _bn_count(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-def _check(model: nn.Module, x: torch.Tensor, remaining: int) -> nn.Module:
+def _check(model: nn.Module, x: torch.Tensor, remaining: int, left=None) -> nn.Module:
+    """Fold ``model``; ``left``: the (name, reason start) of every layer fold must report left."""
     model = _randomize_bn(model).double().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    folded = bnorm.fold(model)
+    if remaining:
+        with pytest.warns(bnorm.LayersLeftWarning, match=f"fold: left {remaining} "):
+            folded, summary = bnorm.fold(model, return_summary=True)
+    else:
+        folded, summary = bnorm.fold(model, return_summary=True)
+    assert len(summary.left) == remaining
+    reported = [(n, why) for n, _, why in summary.left]
+    for (name, why), (expected_name, start) in zip(reported, left or [], strict=False):
+        assert name == expected_name and why.startswith(start), (name, why)
+    assert summary.num_converted == _bn_count(model) - remaining
     x = x.double()
     with torch.no_grad():
         expected, got = model(x), folded(x)
@@ -79,7 +89,12 @@ def test_bn_not_directly_after_a_foldable_layer_stays():
         nn.ReLU(),
         nn.BatchNorm2d(4),  # after a ReLU: not a linear map
     )
-    folded = _check(model, torch.randn(2, 3, 6, 6), remaining=2)
+    folded = _check(
+        model,
+        torch.randn(2, 3, 6, 6),
+        remaining=2,
+        left=[("0", "not directly after"), ("3", "follows torch.ReLU")],
+    )
     assert isinstance(folded[0], nn.BatchNorm2d) and isinstance(folded[3], nn.BatchNorm2d)
 
 
@@ -100,16 +115,40 @@ class _Branchy(nn.Module):
 
 
 def test_general_module_traced_with_fx():
-    folded = _check(_Branchy(), torch.randn(2, 3, 5, 5), remaining=1)
+    folded = _check(
+        _Branchy(), torch.randn(2, 3, 5, 5), remaining=1, left=[("bn_b", "not directly after")]
+    )
     assert isinstance(folded.bn_a, nn.Identity)
     assert isinstance(folded.bn_b, nn.BatchNorm2d)
 
 
 def test_training_mode_and_batch_statistics_are_not_folded():
     model = _randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
-    assert _bn_count(bnorm.fold(model.train())) == 1
+    with pytest.warns(bnorm.LayersLeftWarning, match=r"1 \(torch.BatchNorm2d\): in training"):
+        assert _bn_count(bnorm.fold(model.train())) == 1
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
-    assert _bn_count(bnorm.fold(model.eval())) == 1
+    with pytest.warns(bnorm.LayersLeftWarning, match="no running statistics"):
+        assert _bn_count(bnorm.fold(model.eval())) == 1
+
+
+@pytest.mark.parametrize("owner", ["bnorm", "timm"])
+def test_batch_norm_act_folds_and_keeps_its_drop_and_activation(owner):
+    if owner == "timm":
+        from timm_shim import import_timm
+
+        timm, how = import_timm()
+        if timm is None:
+            pytest.skip(how)
+        from timm.layers import BatchNormAct2d as BNAct
+    else:
+        BNAct = bnorm.BatchNormAct2d
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BNAct(4, act_layer="prelu"), nn.Conv2d(4, 2, 1))
+    with torch.no_grad():
+        model[1].act.weight.fill_(0.2)  # PReLU's parameter: its key must stay
+    keys = [k for k in model.state_dict() if not k.startswith("1.") or k.startswith("1.act")]
+    folded = _check(model, torch.randn(2, 3, 6, 6), remaining=0)
+    assert type(folded[1]) is nn.Sequential and isinstance(folded[1].act, nn.PReLU)
+    assert list(folded.state_dict()) == keys
 
 
 def test_float32_model_within_1e_5():

@@ -2,6 +2,9 @@
 
 from .act import BatchNormAct1d as BatchNormAct1d
 from .act import BatchNormAct2d as BatchNormAct2d
+from .act import FrozenBatchNormAct1d as FrozenBatchNormAct1d
+from .act import FrozenBatchNormAct2d as FrozenBatchNormAct2d
+from .act import SyncBatchNormAct as SyncBatchNormAct
 from .batchnorm import BatchNorm1d as BatchNorm1d
 from .batchnorm import BatchNorm2d as BatchNorm2d
 from .batchnorm import BatchNorm3d as BatchNorm3d

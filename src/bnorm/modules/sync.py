@@ -343,6 +343,14 @@ _CONVERTIBLE: tuple[type[nn.Module], ...] = (
     _bn.BatchNorm3d,
     SyncBatchNorm,
 )
+# batch norm + activation layers (bnorm's and timm's), synchronized as SyncBatchNormAct
+_NORM_ACT = (
+    ("bnorm.modules.act", "BatchNormAct1d"),
+    ("bnorm.modules.act", "BatchNormAct2d"),
+    ("bnorm.modules.act", "SyncBatchNormAct"),
+    ("timm.layers.norm_act", "BatchNormAct2d"),
+    ("timm.layers.norm_act", "SyncBatchNormAct"),
+)
 
 
 def convert_sync_batchnorm(
@@ -350,40 +358,67 @@ def convert_sync_batchnorm(
     process_group: dist.ProcessGroup | None = None,
     *,
     timeout: datetime.timedelta | float | None = None,
+    return_summary: bool = False,
 ) -> nn.Module:
     """Replace every batch-norm layer of ``module`` by a :class:`SyncBatchNorm` over
-    ``process_group``, keeping its state.
+    ``process_group``, keeping its state, and every batch norm + activation layer by a
+    :class:`bnorm.SyncBatchNormAct`, keeping its activation.
 
-    Converted: torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` and bnorm's
-    ``BatchNorm1d/2d/3d`` (exact classes; other normalizations, e.g. subclasses with their own
-    math, are left alone, since turning them into plain batch norm would change what they
-    compute). The new layer holds the old one's parameters and buffers (the same tensor
-    objects, so an optimizer built before still updates them), its mode, hooks and
-    ``on_nonfinite`` setting; ``timeout`` is set on every converted layer. Changes ``module``
-    in place and returns it (or the new layer, if ``module`` is itself a batch norm).
-    Not an error when not distributed: the layers then compute local batch norm. To go back
-    to local layers after training, load the state_dict into the original model: the keys are
-    the same.
+    Converted: torch's ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``, bnorm's ``BatchNorm1d/2d/3d``
+    (exact classes), and ``BatchNormAct1d/2d`` (bnorm's; a memory-efficient one becomes a plain
+    synchronized one) and timm's ``BatchNormAct2d``/``SyncBatchNormAct`` (their ``.act`` and
+    ``.drop`` modules kept). Left, with a :class:`bnorm.LayersLeftWarning` listing
+    them: subclasses of torch's batch norm (unlike torch's ``convert_sync_batchnorm``, which
+    turns them into plain SyncBatchNorm and so drops whatever they add, as it drops timm's
+    activation) and other batch-norm-like layers that compute something else (renorm, ghost
+    batch norm); frozen layers have nothing to synchronize and are left without a warning.
+
+    The new layer holds the old one's parameters and buffers (the same tensor objects, so an
+    optimizer built before still updates them), its mode, hooks and ``on_nonfinite`` setting;
+    ``timeout`` is set on every converted layer. Changes ``module`` in place and returns it (or
+    the new layer, if ``module`` is itself a batch norm); with ``return_summary=True``,
+    ``(module, summary)`` (a :class:`bnorm.ConversionSummary`, also logged on
+    the ``"bnorm"`` logger). Not an error when not distributed: the layers then compute local
+    batch norm. To go back to local layers after training, load the state_dict into the
+    original model: the keys are the same.
     """
+    from ..tools.convert import rewrite
+
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"convert_sync_batchnorm: expected a torch.nn.Module, got {type(module).__name__}"
         )
     delta = _as_timedelta(timeout)
-    return _convert(module, process_group, delta)
+    new, summary = rewrite(
+        module,
+        lambda m: _to_sync(m, process_group, delta),
+        "convert_sync_batchnorm",
+    )
+    return (new, summary) if return_summary else new
 
 
-def _convert(module: nn.Module, group, timeout) -> nn.Module:
-    for name, child in list(module._modules.items()):
-        if child is not None:
-            module._modules[name] = _convert(child, group, timeout)
-    if type(module) not in _CONVERTIBLE:
-        return module
-    new = SyncBatchNorm.__new__(SyncBatchNorm)
+def _to_sync(m: nn.Module, group, timeout) -> nn.Module | str | None:
+    from ..tools.convert import is_batch_norm_like
+    from .act import SyncBatchNormAct
+
+    cls = type(m)
+    if (cls.__module__, cls.__qualname__) in _NORM_ACT:
+        return _as_sync(m, SyncBatchNormAct, group, timeout)
+    if cls in _CONVERTIBLE:
+        return _as_sync(m, SyncBatchNorm, group, timeout)
+    if not is_batch_norm_like(m) or "Frozen" in cls.__name__:
+        return None
+    return "not plain batch norm (it may compute something else), so it is not synchronized"
+
+
+def _as_sync(module: nn.Module, target: type[nn.Module], group, timeout) -> nn.Module:
+    """A ``target`` (SyncBatchNorm or a subclass) holding ``module``'s state and children."""
+    new = target.__new__(target)
     # Modules keep their whole state in __dict__; copy the containers, share the tensors.
     state = {
         k: (v.copy() if isinstance(v, dict | OrderedDict) else v)
         for k, v in module.__dict__.items()
+        if k not in ("memory_efficient", "overwrite_input")
     }
     for key, default in SyncBatchNorm._bnorm_defaults.items():
         state.setdefault(key, default)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from ..modules import batchnorm as _bn
+from ..modules.act import FrozenBatchNormAct1d, FrozenBatchNormAct2d
 from ..modules.frozen import (
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
     FrozenBatchNorm3d,
     _FrozenBatchNormBase,
 )
+from .convert import ConversionSummary, is_batch_norm_like, rewrite
 
 __all__ = ["freeze", "unfreeze"]
 
@@ -23,39 +24,57 @@ _BY_RANK: tuple[tuple[type[nn.Module], type[_FrozenBatchNormBase], type[nn.Modul
     (nn.BatchNorm2d, FrozenBatchNorm2d, _bn.BatchNorm2d),
     (nn.BatchNorm3d, FrozenBatchNorm3d, _bn.BatchNorm3d),
 )
+# batch norm + activation (bnorm's, timm's): frozen with the activation kept
+_ACT_BY_RANK: tuple[tuple[type[nn.Module], type[_FrozenBatchNormBase], str], ...] = (
+    (nn.BatchNorm1d, FrozenBatchNormAct1d, "BatchNormAct1d"),
+    (nn.BatchNorm2d, FrozenBatchNormAct2d, "BatchNormAct2d"),
+)
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(
+    model: nn.Module, *, return_summary: bool = False
+) -> nn.Module | tuple[nn.Module, ConversionSummary]:
     """Replace every batch-norm layer in ``model`` by a frozen one that computes exactly what the
     layer computed in evaluation mode, in training mode too.
 
     Frozen: ``torch.nn.BatchNorm1d/2d/3d`` and their subclasses with running statistics —
     bnorm's ``BatchNorm*``, ``BatchRenorm*`` and ``GhostBatchNorm*`` (whose evaluation is batch
-    norm's). Left alone: layers without running statistics (``track_running_stats=False``:
-    their evaluation uses batch statistics, which cannot be frozen), ``SyncBatchNorm``,
-    uninitialized lazy layers, and ``BatchNormAct*`` (it holds an activation; call ``.eval()``
-    on it instead).
+    norm's); batch norm + activation layers (bnorm's ``BatchNormAct1d/2d``, timm's
+    ``BatchNormAct2d``) become :class:`bnorm.FrozenBatchNormAct1d`/``2d`` holding the same
+    ``.act`` and ``.drop`` modules. Left alone, listed in a
+    :class:`bnorm.LayersLeftWarning`: layers without running statistics
+    (``track_running_stats=False``: their evaluation uses batch statistics, which cannot be
+    frozen), ``SyncBatchNorm``, uninitialized lazy layers and other batch-norm-like layers.
 
     The frozen layer holds the same tensors (detached from autograd): ``weight`` and ``bias``
     become buffers (ones and zeros for ``affine=False``), so they are no longer parameters
     and get no gradient; the running statistics are no longer updated. The model is changed in
-    place and returned (a batch-norm ``model`` itself is returned frozen).
+    place and returned (a batch-norm ``model`` itself is returned frozen); with
+    ``return_summary=True``, ``(model, summary)`` (a
+    :class:`bnorm.ConversionSummary`, also logged on the ``"bnorm"`` logger).
     :func:`unfreeze` reverses this.
     """
     _check(model, "freeze")
-    return _swap(model, _frozen)
+    new, summary = rewrite(model, _frozen, "freeze")
+    return (new, summary) if return_summary else new
 
 
-def unfreeze(model: nn.Module) -> nn.Module:
+def unfreeze(
+    model: nn.Module, *, return_summary: bool = False
+) -> nn.Module | tuple[nn.Module, ConversionSummary]:
     """Reverse :func:`freeze`: every frozen layer becomes the layer it was frozen from (its class
     and settings, e.g. momentum, ``affine``, ``r_max``, hooks), holding the frozen layer's
     current tensors, in the frozen layer's train/eval mode. ``weight`` and ``bias`` become
     parameters again — new ``Parameter`` objects on the same storage, so build the optimizer
     after unfreezing. A frozen layer made directly becomes ``bnorm.BatchNormXd`` (affine).
-    A layer frozen from ``affine=False`` comes back without weight and bias.
+    A layer frozen from ``affine=False`` comes back without weight and bias. A frozen
+    batch norm + activation comes back with its current ``.act`` and ``.drop``. Frozen layers of
+    other libraries (torchvision's, timm's) are left, with a warning: :func:`bnorm.convert`
+    turns them into bnorm's first. ``return_summary`` as in :func:`freeze`.
     """
     _check(model, "unfreeze")
-    return _swap(model, _unfrozen)
+    new, summary = rewrite(model, _unfrozen, "unfreeze")
+    return (new, summary) if return_summary else new
 
 
 def _check(model: object, what: str) -> None:
@@ -63,25 +82,29 @@ def _check(model: object, what: str) -> None:
         raise TypeError(f"{what}: expected a torch.nn.Module, got {type(model).__name__}")
 
 
-def _swap(module: nn.Module, change: Callable[[nn.Module], nn.Module]) -> nn.Module:
-    for name, child in list(module._modules.items()):
-        if child is not None:
-            module._modules[name] = _swap(child, change)
-    return change(module)
-
-
-def _frozen(m: nn.Module) -> nn.Module:
-    target = next((f for t, f, _ in _BY_RANK if isinstance(m, t)), None)
+def _frozen(m: nn.Module) -> nn.Module | str | None:
+    if "Frozen" in type(m).__name__ or not is_batch_norm_like(m):
+        return None  # frozen already (bnorm's, torchvision's, timm's), or not batch norm
+    act = m._modules.get("act")
+    if isinstance(act, nn.Module):
+        target = next((f for t, f, _ in _ACT_BY_RANK if isinstance(m, t)), None)
+    else:
+        target = next((f for t, f, _ in _BY_RANK if isinstance(m, t)), None)
+    if target is None:
+        if isinstance(m, nn.SyncBatchNorm | nn.modules.batchnorm._BatchNorm):
+            return "no frozen layer of its kind (SyncBatchNorm: freeze its local layer instead)"
+        return "no frozen layer of its kind"
     if (
-        target is None
-        or not getattr(m, "_bnorm_freezable", True)
-        or m.running_mean is None
+        m.running_mean is None
         or m.running_var is None
         or isinstance(m.running_mean, nn.parameter.UninitializedBuffer)
     ):
-        return m
+        return "no running statistics (track_running_stats=False or lazy): nothing to freeze"
     rm = m.running_mean.detach()
     frozen = target(m.num_features, m.eps, device=rm.device, dtype=rm.dtype)
+    if isinstance(act, nn.Module):
+        frozen.drop = m._modules.get("drop") or nn.Identity()
+        frozen.act = act
     frozen._buffers.update(
         weight=rm.new_ones(rm.shape) if m.weight is None else m.weight.detach(),
         bias=rm.new_zeros(rm.shape) if m.bias is None else m.bias.detach(),
@@ -107,12 +130,14 @@ def _frozen(m: nn.Module) -> nn.Module:
     return frozen
 
 
-def _unfrozen(m: nn.Module) -> nn.Module:
+def _unfrozen(m: nn.Module) -> nn.Module | str | None:
     if not isinstance(m, _FrozenBatchNormBase):
-        return m
+        if is_batch_norm_like(m) and "Frozen" in type(m).__name__:
+            return "not bnorm's frozen layer (bnorm.convert makes it bnorm's first)"
+        return None
     saved: dict[str, Any] | None = m._unfrozen
     if saved is None:  # made directly: a bnorm batch norm with the same tensors
-        target = next(b for _, f, b in _BY_RANK if f is type(m))
+        target = _unfrozen_class(type(m))
         saved = {
             "cls": target,
             "dict": _fresh_state(target, m),
@@ -128,10 +153,21 @@ def _unfrozen(m: nn.Module) -> nn.Module:
         for name, grad in saved["parameters"].items()
     )
     state["_buffers"] = OrderedDict((name, m._buffers.get(name)) for name in saved["buffers"])
+    if m._modules:  # the activation and drop of a frozen norm-act layer, as they are now
+        state["_modules"] = OrderedDict(m._modules)
     new = cls.__new__(cls)
     object.__setattr__(new, "__dict__", state)
     new.train(m.training)
     return new
+
+
+def _unfrozen_class(frozen: type[nn.Module]) -> type[nn.Module]:
+    from ..modules import act as _act
+
+    for _, f, name in _ACT_BY_RANK:
+        if f is frozen:
+            return getattr(_act, name)
+    return next(b for _, f, b in _BY_RANK if f is frozen)
 
 
 def _fresh_state(target: type[nn.Module], m: _FrozenBatchNormBase) -> dict[str, Any]:
