@@ -12,7 +12,7 @@ Public API (everything else is private):
   :class:`BatchNormAct1d`/``2d``
 - data-parallel: :class:`SyncBatchNorm`, :func:`convert_sync_batchnorm`, :mod:`bnorm.distributed`
 - tools on whole models: :func:`convert`, :func:`fold`, :func:`freeze`/:func:`unfreeze`,
-  :func:`precise_bn`
+  :func:`precise_bn`, :func:`doctor` (a :class:`Diagnosis` of a model's batch norm)
 - the CPU kernels' output buffer cache: :func:`set_buffer_cache`, :func:`empty_buffer_cache`,
   :func:`buffer_cache_info`
 - errors and warnings: :mod:`bnorm.errors`
@@ -49,7 +49,9 @@ from .modules import RecurrentBatchNorm1d as RecurrentBatchNorm1d
 from .modules import SyncBatchNorm as SyncBatchNorm
 from .modules import convert_sync_batchnorm as convert_sync_batchnorm
 from .modules.renorm import linear_ramp as linear_ramp
+from .tools import Diagnosis as Diagnosis
 from .tools import convert as convert
+from .tools import doctor as doctor
 from .tools import fold as fold
 from .tools import freeze as freeze
 from .tools import precise_bn as precise_bn

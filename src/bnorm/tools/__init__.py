@@ -1,7 +1,9 @@
 """Tools that work on whole models: convert (torch <-> bnorm layers), fold (BN into the
-preceding layer for inference), freeze/unfreeze (frozen BN), precise_bn (exact statistics)."""
+preceding layer for inference), freeze/unfreeze (frozen BN), precise_bn (exact statistics), doctor (diagnosis of BN defects)."""
 
 from .convert import convert as convert
+from .doctor import Diagnosis as Diagnosis
+from .doctor import doctor as doctor
 from .fold import fold as fold
 from .fold import fold_weights as fold_weights
 from .freeze import freeze as freeze
