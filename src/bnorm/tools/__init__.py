@@ -1,5 +1,6 @@
 """Tools that work on whole models: convert (torch <-> bnorm layers), fold (BN into the
-preceding layer for inference), freeze/unfreeze (frozen BN), precise_bn (exact statistics), doctor (diagnosis of BN defects)."""
+preceding layer for inference), freeze/unfreeze (frozen BN), precise_bn (exact statistics),
+doctor (what is wrong with a model's batch norm, measured)."""
 
 from .convert import convert as convert
 from .doctor import Diagnosis as Diagnosis

@@ -6,21 +6,23 @@ second or so on one thread on scikit-learn's 1,797 real 8×8 digits (``load_digi
 the ``lab`` extra), 1,400 to train and 397 to test in a fixed random order. SGD with momentum
 0.9, lr 0.05, batches of 64, 150 steps unless the defect says otherwise.
 
-==================  ========================================================  ======================
-example             planted defect                                            healthy twin
-==================  ========================================================  ======================
-few-steps           BN momentum 0.01: 150 steps leave 22% of the initial      healthy
-                    running values
-unshuffled          trained (and diagnosed) on a loader sorted by class       healthy
-batch-2             trained with batches of 2                                 healthy
-frozen-backbone     ``features`` frozen (requires_grad=False) for a new       healthy-frozen-backbone
-                    head, but in train mode: its statistics drift
-partial-eval        ``model.eval()`` then a helper puts the BN back in train  healthy
-dead-channel        Linear → ReLU → BN: three ReLUs dead from the start (bias   healthy
-                    −100), more die in training (BN after the ReLU cannot
-                    keep them alive, BN before it centres them)
-redundant-bias      ``Linear(64, 32, bias=True)`` right before the BN         healthy
-==================  ========================================================  ======================
+Sick examples (planted defect → rule the doctor must report; healthy twin):
+
+- ``few-steps``: BN momentum 0.005, so 150 steps leave 47% of the initial running values →
+  ``unconverged``; twin ``healthy``.
+- ``unshuffled``: trained (and diagnosed) on a loader sorted by class → ``non-iid``; twin
+  ``healthy``.
+- ``batch-2``: trained with batches of 2 → ``small-batch``; twin ``healthy``.
+- ``frozen-backbone``: ``features`` frozen (``requires_grad=False``) under a new head but left
+  in training mode, so its statistics drift → ``frozen-updating``; twin
+  ``healthy-frozen-backbone`` (frozen with :func:`bnorm.freeze`).
+- ``partial-eval``: ``model.eval()``, then a helper puts the BN back in training mode →
+  ``train-mode-in-eval``; twin ``healthy``.
+- ``dead-channel``: Linear → ReLU → BN with three ReLUs dead from the start (bias −100); more
+  die in training (BN after the ReLU cannot keep them alive, BN before it centres them) →
+  ``degenerate``; twin ``healthy``.
+- ``redundant-bias``: ``Linear(64, 32, bias=True)`` right before the BN → ``redundant-bias``;
+  twin ``healthy``.
 
 :func:`example` gives ``(model, batches, targets)`` as ``bnorm doctor --example`` uses it;
 :func:`cure` applies the doctor's prescription for a defect and measures the symptom before
@@ -60,16 +62,33 @@ class Example:
 EXAMPLES: dict[str, Example] = {
     e.name: e
     for e in (
-        Example("few-steps", "running statistics from too few steps (momentum 0.01, 150 steps)",
-                "unconverged", "healthy"),
+        Example(
+            "few-steps",
+            "running statistics from too few steps (momentum 0.005, 150 steps)",
+            "unconverged",
+            "healthy",
+        ),
         Example("unshuffled", "unshuffled loader (batches sorted by class)", "non-iid", "healthy"),
         Example("batch-2", "batch size 2", "small-batch", "healthy"),
-        Example("frozen-backbone", "frozen backbone still updating its statistics",
-                "frozen-updating", "healthy-frozen-backbone"),
-        Example("partial-eval", "partial .eval(): a BN layer left in training mode",
-                "train-mode-in-eval", "healthy"),
-        Example("dead-channel", "dead channels: Linear → ReLU → BN, three ReLUs dead from the "
-                "start and more dying in training", "degenerate", "healthy"),
+        Example(
+            "frozen-backbone",
+            "frozen backbone still updating its statistics",
+            "frozen-updating",
+            "healthy-frozen-backbone",
+        ),
+        Example(
+            "partial-eval",
+            "partial .eval(): a BN layer left in training mode",
+            "train-mode-in-eval",
+            "healthy",
+        ),
+        Example(
+            "dead-channel",
+            "dead channels: Linear → ReLU → BN, three ReLUs dead from the "
+            "start and more dying in training",
+            "degenerate",
+            "healthy",
+        ),
         Example("redundant-bias", "Linear bias right before the BN", "redundant-bias", "healthy"),
         Example("healthy", "none", None, None),
         Example("healthy-frozen-backbone", "none (backbone frozen with bnorm.freeze)", None, None),
@@ -109,18 +128,23 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def net(*, bias: bool = False, relu_first: bool = False, momentum: float = 0.1,
-        norm: Callable[..., nn.Module] = nn.BatchNorm1d) -> nn.Sequential:
+def net(
+    *,
+    bias: bool = False,
+    relu_first: bool = False,
+    momentum: float = 0.1,
+    norm: Callable[..., nn.Module] = nn.BatchNorm1d,
+) -> nn.Sequential:
     """The clinic's MLP: ``features`` (Linear → BN → ReLU, or Linear → ReLU → BN) and ``head``."""
     bn = norm(32, momentum=momentum)
     linear = nn.Linear(64, 32, bias=bias or relu_first)
     body = [linear, nn.ReLU(), bn] if relu_first else [linear, bn, nn.ReLU()]
-    return nn.Sequential(
-        OrderedDict(features=nn.Sequential(*body), head=nn.Linear(32, 10))
-    )
+    return nn.Sequential(OrderedDict(features=nn.Sequential(*body), head=nn.Linear(32, 10)))
 
 
-def batches(x: Tensor, y: Tensor, batch_size: int, order: str, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+def batches(
+    x: Tensor, y: Tensor, batch_size: int, order: str, seed: int = 0
+) -> list[tuple[Tensor, Tensor]]:
     """One epoch of ``(x, y)`` batches: ``"shuffled"`` (a seeded permutation) or ``"sorted"``
     by class (what a loader without ``shuffle=True`` gives on class-ordered data). A last
     batch of one sample is dropped (batch norm cannot train on it)."""
@@ -131,8 +155,17 @@ def batches(x: Tensor, y: Tensor, batch_size: int, order: str, seed: int = 0) ->
     return [(x[i], y[i]) for i in idx.split(batch_size) if len(i) > 1]
 
 
-def fit(model: nn.Module, x: Tensor, y: Tensor, *, steps: int = STEPS, batch_size: int = BATCH,
-        order: str = "shuffled", lr: float = LR, seed: int = 0) -> nn.Module:
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int = STEPS,
+    batch_size: int = BATCH,
+    order: str = "shuffled",
+    lr: float = LR,
+    seed: int = 0,
+) -> nn.Module:
     """Train ``model`` (its parameters with ``requires_grad``) in training mode; returns it."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
@@ -156,7 +189,9 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int | None = No
     """Accuracy of ``model`` as it is (its modes untouched), in batches of ``batch_size``."""
     n = batch_size or len(x)
     with _one_thread():
-        right = sum(int((model(x[i:i + n]).argmax(1) == y[i:i + n]).sum()) for i in range(0, len(x), n))
+        right = sum(
+            int((model(x[i : i + n]).argmax(1) == y[i : i + n]).sum()) for i in range(0, len(x), n)
+        )
     return right / len(x)
 
 
@@ -190,7 +225,7 @@ def _trained(name: str) -> nn.Module:
     if name == "healthy":
         return fit(_seeded(net), d.x_train, d.y_train).eval()
     if name == "few-steps":
-        return fit(_seeded(lambda: net(momentum=0.01)), d.x_train, d.y_train).eval()
+        return fit(_seeded(lambda: net(momentum=0.005)), d.x_train, d.y_train).eval()
     if name == "unshuffled":
         return fit(_seeded(net), d.x_train, d.y_train, order="sorted").eval()
     if name == "batch-2":
@@ -255,8 +290,10 @@ def _pruned(model: nn.Module, dead: list[int]) -> nn.Module:
     lin, bn, head = model.features[0], model.features[2], model.head
     keep = [c for c in range(bn.num_features) if c not in dead]
     slim = copy.deepcopy(model).eval()
-    new_lin, new_bn, new_head = nn.Linear(64, len(keep)), nn.BatchNorm1d(len(keep)), nn.Linear(
-        len(keep), head.out_features
+    new_lin, new_bn, new_head = (
+        nn.Linear(64, len(keep)),
+        nn.BatchNorm1d(len(keep)),
+        nn.Linear(len(keep), head.out_features),
     )
     with torch.no_grad():
         new_lin.weight.copy_(lin.weight[keep])
@@ -264,9 +301,10 @@ def _pruned(model: nn.Module, dead: list[int]) -> nn.Module:
         for t in ("weight", "bias", "running_mean", "running_var"):
             getattr(new_bn, t).copy_(getattr(bn, t)[keep])
         new_bn.num_batches_tracked.copy_(bn.num_batches_tracked)
-        const = bn.bias[dead] - bn.weight[dead] * bn.running_mean[dead] / (
-            bn.running_var[dead] + bn.eps
-        ).sqrt()
+        const = (
+            bn.bias[dead]
+            - bn.weight[dead] * bn.running_mean[dead] / (bn.running_var[dead] + bn.eps).sqrt()
+        )
         new_head.weight.copy_(head.weight[:, keep])
         new_head.bias.copy_(head.bias + head.weight[:, dead] @ const)
     slim.features[0], slim.features[2], slim.head = new_lin, new_bn, new_head
@@ -276,7 +314,6 @@ def _pruned(model: nn.Module, dead: list[int]) -> nn.Module:
 def cure(name: str) -> dict[str, Any]:
     """Apply the doctor's prescription for the sick example ``name``; measure the symptom
     before and after. Returns ``{"prescription", "measure", "before", "after"}``."""
-    from .freeze import freeze
     from .precise import precise_bn
 
     d = digits()

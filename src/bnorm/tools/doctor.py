@@ -217,7 +217,9 @@ def chi2_quantile(p: float, dof: int) -> float:
     return dof * (1.0 - a + z * math.sqrt(a)) ** 3
 
 
-def between_batch_ratio(batch_means: Tensor, batch_sizes: Sequence[int], sample_var: Tensor) -> Tensor:
+def between_batch_ratio(
+    batch_means: Tensor, batch_sizes: Sequence[int], sample_var: Tensor
+) -> Tensor:
     r"""Per channel, the spread of the batch means against what i.i.d. sampling predicts:
 
     .. math::  R = \frac{1}{K-1}\sum_k N_k (m_k - \bar m)^2 \Big/ \tau^2,
@@ -826,9 +828,7 @@ def _short(idx: list[int]) -> str:
 def _state_findings(name: str, m: nn.Module, model: nn.Module) -> list[Finding]:
     """Rules on a layer's state and flags (no data needed)."""
     out: list[Finding] = []
-    tensors = {
-        k: getattr(m, k, None) for k in ("weight", "bias", "running_mean", "running_var")
-    }
+    tensors = {k: getattr(m, k, None) for k in ("weight", "bias", "running_mean", "running_var")}
     bad = [k for k, t in tensors.items() if t is not None and not bool(torch.isfinite(t).all())]
     if bad:
         out.append(

@@ -61,7 +61,9 @@ def render_text(d: Diagnosis) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [head]
     for i, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
+        lines.append(
+            "  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
+        )
         if i:
             lines.append(" " * (widths[0] + 2) + "fix: " + d.findings[i - 1].prescription)
     return "\n".join(lines)
@@ -132,8 +134,16 @@ def _chart(r: LayerReport) -> str:
     def xs(i: int) -> float:
         return left + step * (i + 0.5)
 
-    def panel(y0: float, values: list[float], running: list[float] | None, lo: float, hi: float,
-              label: str, bars: list[float] | None, log: bool) -> str:
+    def panel(
+        y0: float,
+        values: list[float],
+        running: list[float] | None,
+        lo: float,
+        hi: float,
+        label: str,
+        bars: list[float] | None,
+        log: bool,
+    ) -> str:
         f = (lambda v: math.log10(v)) if log else (lambda v: v)
         a, b = f(lo), f(hi)
         span = (b - a) or 1.0
@@ -195,7 +205,10 @@ def render_html(d: Diagnosis) -> str:
             f"<th>measured</th><th>why</th><th>prescription</th></tr>{rows}</table>"
         )
     else:
-        findings = '<p class="healthy" id="findings">No findings: the batch normalization looks healthy.</p>'
+        findings = (
+            '<p class="healthy" id="findings">No findings: the batch normalization looks '
+            "healthy.</p>"
+        )
     sections = "".join(
         f'<section class="layer"><h3><code>{_e(r.name)}</code> <small>{_e(r.kind)}, '
         f"{r.count} values per channel over {len(r.batch_sizes)} batches</small></h3>"
@@ -315,10 +328,14 @@ def add_parser(sub: Any) -> None:
             "2 for a target that cannot be used."
         ),
     )
-    p.add_argument("target", nargs="?", help="MODULE:FUNCTION returning (model, batches[, targets])")
+    p.add_argument(
+        "target", nargs="?", help="MODULE:FUNCTION returning (model, batches[, targets])"
+    )
     p.add_argument("--example", metavar="NAME", help=f"a clinic example: {', '.join(EXAMPLES)}")
     p.add_argument("--num-batches", type=int, default=None, help="use at most this many batches")
-    p.add_argument("--apply", action="store_true", help="apply the safe fixes to a copy, re-measure")
+    p.add_argument(
+        "--apply", action="store_true", help="apply the safe fixes to a copy, re-measure"
+    )
     p.add_argument("--html", metavar="PATH", help="write the HTML report here")
     p.add_argument("--json", metavar="PATH", help="write the JSON diagnosis here")
     p.set_defaults(func=_run)
