@@ -78,6 +78,11 @@ ACCURACY_GAP = 0.02
 """eval-mismatch is ``high`` when exact statistics gain this much eval-mode accuracy."""
 INIT_WEIGHT = 0.05
 """unconverged: largest weight (1 − momentum)^n the initial running values may still carry."""
+PRECISE_SHIFT = 0.1
+"""unconverged is moot when every channel's standardized mean shift is at most this ..."""
+PRECISE_VAR_RATIO = 1.1
+"""... and its variance ratio within [1/this, this]: the statistics are already exact (as
+after ``bnorm.precise_bn``), whatever the count says."""
 NONIID_ALPHA = 1e-3
 """non-iid: false-alarm level of the chi-square cut on the between-batch variance ratio."""
 NONIID_MIN_RATIO = 2.0
@@ -163,6 +168,17 @@ class LayerReport:
         }
 
 
+def _clean(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN/Inf)."""
+    if isinstance(obj, float):
+        return _num(obj)
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
 def _num(v: float) -> float | None:
     """JSON has no NaN/Inf: those become None."""
     return float(v) if math.isfinite(v) else None
@@ -204,14 +220,28 @@ def init_weight(momentum: float | None, num_batches_tracked: int) -> float:
     return (1.0 - momentum) ** num_batches_tracked
 
 
-def is_unconverged(weight: float) -> bool:
-    """unconverged fires when the initial values weigh more than :data:`INIT_WEIGHT`."""
-    return weight > INIT_WEIGHT
+def is_unconverged(
+    weight: float, max_mean_shift: float | None = None, worst_var_ratio: float | None = None
+) -> bool:
+    """unconverged fires when the initial values weigh more than :data:`INIT_WEIGHT` — unless
+    the running statistics are known to be already exact: shift ≤ :data:`PRECISE_SHIFT` and
+    ratio within :data:`PRECISE_VAR_RATIO` (``bnorm.precise_bn`` sets the statistics but, not
+    being training, leaves ``num_batches_tracked`` as it was)."""
+    if weight <= INIT_WEIGHT:
+        return False
+    if max_mean_shift is None or worst_var_ratio is None:
+        return True
+    precise = (
+        max_mean_shift <= PRECISE_SHIFT
+        and 1.0 / PRECISE_VAR_RATIO <= worst_var_ratio <= PRECISE_VAR_RATIO
+    )
+    return not precise
 
 
 def chi2_quantile(p: float, dof: int) -> float:
     """The p-quantile of a chi-square with ``dof`` degrees of freedom (Wilson–Hilferty: the
-    cube root of χ²/k is close to normal; relative error below 1% for k ≥ 3 at p ≤ 0.999)."""
+    cube root of χ²/k is close to normal). At p = 0.999 it errs high, by under 2% for k ≥ 3
+    and under 1% for k ≥ 10: the cut is slightly conservative (fewer false alarms)."""
     z = statistics.NormalDist().inv_cdf(p)
     a = 2.0 / (9.0 * dof)
     return dof * (1.0 - a + z * math.sqrt(a)) ** 3
@@ -230,7 +260,8 @@ def between_batch_ratio(
     :math:`\chi^2_{K-1}/(K-1)` (one-way ANOVA's between-groups mean square), so R ≈ 1; batches
     drawn from one class at a time (an unshuffled loader) give R ≫ 1. Samples, not values: the
     positions of one image are correlated, so dividing by N·H·W would overstate the evidence.
-    Channels with τ² = 0 give NaN.
+    Since τ² contains the between-batch spread itself, R cannot exceed about N (the samples per
+    batch): batches of 2 cannot reveal a grouped loader. Channels with τ² = 0 give NaN.
     """
     n = torch.tensor(batch_sizes, dtype=torch.float64).unsqueeze(1)
     grand = (n * batch_means).sum(0) / n.sum()
@@ -333,7 +364,7 @@ class Diagnosis:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The diagnosis as JSON text (NaN/Inf as null); written to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        text = json.dumps(_clean(self.to_dict()), indent=1, allow_nan=False)
         if path is not None:
             _write(Path(path), text)
         return text
@@ -695,9 +726,21 @@ def _findings(
         gain = effect["accuracy_exact"] - effect["accuracy_running"]
     for r in reports:
         found += _statistics_findings(r, orig[r.name.partition("[t=")[0]], gain, effect)
+    closeness: dict[str, tuple[float, float]] = {}
+    for r in reports:
+        if r.running_mean is None or r.running_var is None:
+            continue
+        shift, ratio = float(r.shift().max()), r.var_ratio()
+        worst = float(ratio[ratio.log().abs().argmax()])
+        base = r.name.partition("[t=")[0]
+        old = closeness.get(base, (0.0, 1.0))
+        closeness[base] = (
+            max(shift, old[0]),
+            worst if abs(math.log(worst)) > abs(math.log(old[1])) else old[1],
+        )
     for name, m in orig.items():
         if name in layers:
-            found += _state_findings(name, m, original)
+            found += _state_findings(name, m, original, closeness.get(name))
     for name, (pname, producer) in producers.items():
         m = orig[name]
         channels = getattr(m, "num_features", None)
@@ -825,8 +868,11 @@ def _short(idx: list[int]) -> str:
     return str(idx) if len(idx) <= 6 else f"[{', '.join(map(str, idx[:6]))}, …] ({len(idx)})"
 
 
-def _state_findings(name: str, m: nn.Module, model: nn.Module) -> list[Finding]:
-    """Rules on a layer's state and flags (no data needed)."""
+def _state_findings(
+    name: str, m: nn.Module, model: nn.Module, closeness: tuple[float, float] | None
+) -> list[Finding]:
+    """Rules on a layer's state and flags; ``closeness`` is (max shift, worst variance ratio)
+    of its running statistics against the exact ones, when measured."""
     out: list[Finding] = []
     tensors = {k: getattr(m, k, None) for k in ("weight", "bias", "running_mean", "running_var")}
     bad = [k for k, t in tensors.items() if t is not None and not bool(torch.isfinite(t).all())]
@@ -884,7 +930,7 @@ def _state_findings(name: str, m: nn.Module, model: nn.Module) -> list[Finding]:
         else:
             n = min(steps)
             weight = init_weight(m.momentum, n)
-            if is_unconverged(weight):
+            if is_unconverged(weight, *(closeness or (None, None))):
                 out.append(
                     Finding(
                         "unconverged",
