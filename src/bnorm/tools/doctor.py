@@ -58,6 +58,9 @@ __all__ = [
     "NONIID_ALPHA",
     "NONIID_MIN_BATCHES",
     "NONIID_MIN_RATIO",
+    "OUTPUT_CHANGE",
+    "PRECISE_SHIFT",
+    "PRECISE_VAR_RATIO",
     "SEVERITIES",
     "SMALL_BATCH_NOISE",
     "VAR_RATIO",
@@ -76,6 +79,9 @@ VAR_RATIO = 2.0
 """eval-mismatch: largest variance ratio (σ̂²+ε)/(σ²+ε), or its inverse, tolerated."""
 ACCURACY_GAP = 0.02
 """eval-mismatch is ``high`` when exact statistics gain this much eval-mode accuracy."""
+OUTPUT_CHANGE = 0.25
+"""eval-mismatch is ``high`` without targets when the eval outputs move by this much (relative
+RMS) from running to exact statistics."""
 INIT_WEIGHT = 0.05
 """unconverged: largest weight (1 − momentum)^n the initial running values may still carry."""
 PRECISE_SHIFT = 0.1
@@ -336,7 +342,6 @@ class Diagnosis:
     batches_used: int = 0
     _model: nn.Module | None = field(default=None, repr=False)
     _batches: list[Any] = field(default_factory=list, repr=False)
-    _targets: list[Any] | None = field(default=None, repr=False)
     _loss_fn: Callable[..., Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -411,7 +416,6 @@ class Diagnosis:
             model,
             self._batches,
             loss_fn=self._loss_fn,
-            targets=self._targets,
             name=self.model_name,
         )
         return Treatment(model=model, before=self, after=after, applied=applied)
@@ -565,7 +569,6 @@ def doctor(
         batches_used=len(inputs),
         _model=copy.deepcopy(model),
         _batches=inputs if not have_targets else list(zip(inputs, labels, strict=True)),
-        _targets=None,
         _loss_fn=loss_fn,
     )
 
@@ -669,11 +672,10 @@ def _effect(
         return {}
     work.eval()
     running = _outputs(work, inputs)
-    by_name = {n: m for n, m in layers.items()}
     with torch.no_grad():
         for r in tracked:
             name, _, step = r.name.partition("[t=")
-            m = by_name[name]
+            m = layers[name]
             rm, rv = m.running_mean, m.running_var
             if step:
                 s = int(step.rstrip("]"))
@@ -780,7 +782,7 @@ def _statistics_findings(
         if is_mismatched(numbers["max_mean_shift"], numbers["worst_var_ratio"]):
             numbers.update(effect)
             high = (gain is not None and gain >= ACCURACY_GAP) or (
-                gain is None and (effect.get("output_change") or 0) > 0.25
+                gain is None and (effect.get("output_change") or 0) > OUTPUT_CHANGE
             )
             out.append(
                 Finding(
@@ -826,8 +828,14 @@ def _statistics_findings(
         if bool(live.any()):
             noise = float(batch_noise(r.sample_var[live], r.var[live], size).median())
             if is_small_batch(noise):
-                rank = "1d" if r.batch_means.dim() == 2 and r.count == sum(r.batch_sizes) else ""
-                rank = rank or {"BatchNorm3d": "3d", "BatchNorm1d": "1d"}.get(r.kind, "2d")
+                rank = next(
+                    (
+                        k
+                        for t, k in ((nn.BatchNorm1d, "1d"), (nn.BatchNorm3d, "3d"))
+                        if isinstance(m, t)
+                    ),
+                    "1d" if isinstance(m, RecurrentBatchNorm1d) else "2d",
+                )
                 out.append(
                     Finding(
                         "small-batch",
