@@ -324,6 +324,17 @@ def test_frozen_updating_and_mode_rules_on_bnorm_layers():
     assert "train-mode-in-eval" in doctor(model, x).rules()
 
 
+@pytest.mark.parametrize("layer", [bnorm.BatchNorm1d, bnorm.BatchNormAct1d])
+def test_apply_freezes_or_evals_frozen_updating_layers(layer):
+    """freeze() leaves BatchNormAct alone, so apply() puts it in evaluation mode instead."""
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), layer(4), nn.Linear(4, 2)).train()
+    model[1].requires_grad_(False)
+    x = [torch.randn(16, 3) for _ in range(3)]
+    treatment = doctor(model, x).apply()
+    assert "frozen-updating" not in treatment.after.rules()
+    assert model[1].training and type(model[1]) is layer  # the original is untouched
+
+
 def test_targets_and_loss_give_model_level_effect():
     model, batches, _ = clinic.example("few-steps")
     xs = [x for x, _ in batches]

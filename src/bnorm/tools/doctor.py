@@ -396,7 +396,7 @@ class Diagnosis:
         from .precise import precise_bn
 
         if self._model is None:
-            raise RuntimeError("apply: this diagnosis holds no model (was it loaded from JSON?)")
+            raise RuntimeError("apply: this diagnosis holds no model")
         model = copy.deepcopy(self._model)
         named = dict(model.named_modules())
         applied: list[str] = []
@@ -405,13 +405,20 @@ class Diagnosis:
             if f.rule == "train-mode-in-eval" and f.layer in named:
                 named[f.layer].eval()
                 applied.append(f"{_ref(f.layer)}.eval()")
-        for f in self.findings:
-            if f.rule == "frozen-updating" and f.layer in named:
-                _set_module(model, f.layer, freeze(named[f.layer]))
-                applied.append(f"{_ref(f.layer)} = bnorm.freeze({_ref(f.layer)})")
+        # exact statistics first: freezing then keeps them
         if rules & {"eval-mismatch", "unconverged", "untrained"}:
             precise_bn(model, self._batches if batches is None else batches)
             applied.append("bnorm.precise_bn(model, batches)")
+        for f in self.findings:
+            if f.rule == "frozen-updating" and f.layer in named:
+                layer = named[f.layer]
+                frozen = freeze(layer)
+                if frozen is layer:  # freeze leaves BatchNormAct alone: evaluation mode fixes it
+                    layer.eval()
+                    applied.append(f"{_ref(f.layer)}.eval()")
+                else:
+                    _set_module(model, f.layer, frozen)
+                    applied.append(f"{_ref(f.layer)} = bnorm.freeze({_ref(f.layer)})")
         after = doctor(
             model,
             self._batches,
