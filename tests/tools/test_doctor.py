@@ -202,24 +202,27 @@ class Recurrent(nn.Module):
         return torch.stack([self.bn(x[:, t], t) for t in range(x.shape[1])], 1)
 
 
-def _zoo():
-    torch.manual_seed(0)
+def _zoo(c=3, n=8, hw=4, k=5, seed=0):
+    """Torch's and bnorm's layers in one model: C channels, K batches of N samples, HW×HW."""
+    torch.manual_seed(seed)
     conv = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
+        nn.Conv2d(2, c, 3, padding=1),
+        nn.BatchNorm2d(c),
         nn.ReLU(),
-        bnorm.BatchNorm2d(3, momentum=None),
-        bnorm.BatchNormAct2d(3),
-        bnorm.BatchRenorm2d(3, r_max=2.0, d_max=1.0),
-        bnorm.FrozenBatchNorm2d(3),
+        bnorm.BatchNorm2d(c, momentum=None),
+        bnorm.BatchNormAct2d(c),
+        bnorm.BatchRenorm2d(c, r_max=2.0, d_max=1.0),
+        bnorm.FrozenBatchNorm2d(c),
+        nn.SyncBatchNorm(c),
+        bnorm.SyncBatchNorm(c),
         nn.Flatten(),
-        nn.Linear(48, 6),
-        bnorm.GhostBatchNorm1d(6, 4),
+        nn.Linear(c * hw * hw, 6),
+        bnorm.GhostBatchNorm1d(6, 2),
         nn.Dropout(0.5),
     )
     conv[6].running_var.fill_(2.0)
     conv[1].weight.requires_grad_(False)
-    return conv, [torch.randn(8, 2, 4, 4) * 3 + 1 for _ in range(5)]
+    return conv, [torch.randn(n, 2, hw, hw) * 3 + 1 for _ in range(k)]
 
 
 def _snapshot(model):
@@ -244,9 +247,16 @@ def _same(a, b):
     assert rest_a == rest_b
 
 
-@pytest.mark.parametrize("mode", ["train", "eval", "partial"])
-def test_model_left_exactly_as_it_was_torch_and_bnorm_layers(mode):
-    model, batches = _zoo()
+@given(
+    st.sampled_from(["train", "eval", "partial"]),
+    st.integers(1, 4),
+    st.sampled_from([2, 4, 6]),
+    st.integers(1, 4),
+    st.integers(1, 5),
+)
+@settings(max_examples=12)
+def test_model_left_exactly_as_it_was_torch_and_bnorm_layers(mode, c, n, hw, k):
+    model, batches = _zoo(c, n, hw, k)
     model.train(mode == "train")
     if mode == "partial":
         model[3].train()
@@ -255,8 +265,18 @@ def test_model_left_exactly_as_it_was_torch_and_bnorm_layers(mode):
     _same(before, _snapshot(model))
     kinds = {r.kind for r in diagnosis.layers}
     assert {"BatchNorm2d", "BatchNormAct2d", "BatchRenorm2d", "FrozenBatchNorm2d"} <= kinds
-    assert "GhostBatchNorm1d" in kinds
+    assert {"GhostBatchNorm1d", "SyncBatchNorm"} <= kinds
     json.loads(diagnosis.to_json())
+
+
+def test_a_batch_that_raises_leaves_the_model_as_it_was():
+    """Ghost BN refuses a batch of 5 in virtual batches of 2: the error propagates, and the
+    model is as it was."""
+    model, batches = _zoo(n=5)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="virtual batch"):
+        doctor(model, batches)
+    _same(before, _snapshot(model))
 
 
 def test_recurrent_layers_are_measured_per_step_and_left_alone():
@@ -270,13 +290,15 @@ def test_recurrent_layers_are_measured_per_step_and_left_alone():
     assert {"untrained", "eval-mismatch"} <= diagnosis.rules()
 
 
-def test_exact_statistics_match_precise_bn():
+@given(st.integers(1, 4), st.sampled_from([2, 6]), st.integers(1, 4), st.integers(1, 4))
+@settings(max_examples=8)
+def test_exact_statistics_match_precise_bn(c, n, hw, k):
     """The statistics the doctor measures are those precise_bn sets."""
-    model, batches = _zoo()
+    model, batches = _zoo(c, n, hw, k)
     diagnosis = doctor(model, batches)
     precise = bnorm.precise_bn(copy.deepcopy(model), batches)
     report = {r.name: r for r in diagnosis.layers}
-    for name in ("1", "3", "5"):
+    for name in ("1", "3", "5", "8"):
         layer = precise.get_submodule(name)
         torch.testing.assert_close(report[name].mean, layer.running_mean.double())
         torch.testing.assert_close(report[name].var, layer.running_var.double(), rtol=1e-5, atol=0)
