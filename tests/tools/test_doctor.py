@@ -50,6 +50,14 @@ def test_mismatch_threshold_boundaries():
     assert D.is_mismatched(0.0, _down(1.0 / D.VAR_RATIO))
 
 
+def test_mismatch_severity_boundaries():
+    assert D.mismatch_severity(D.ACCURACY_GAP, None) == "high"
+    assert D.mismatch_severity(_down(D.ACCURACY_GAP), 10.0) == "medium"  # accuracy decides
+    assert D.mismatch_severity(None, D.OUTPUT_CHANGE) == "medium"
+    assert D.mismatch_severity(None, _up(D.OUTPUT_CHANGE)) == "high"
+    assert D.mismatch_severity(None, None) == "medium"
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.01, 0.3])
 def test_unconverged_boundary_in_updates(momentum):
     """The first count whose initial weight (1-m)^n drops to INIT_WEIGHT stops the finding."""

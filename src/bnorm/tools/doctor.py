@@ -217,6 +217,15 @@ def is_mismatched(max_mean_shift: float, worst_var_ratio: float) -> bool:
     )
 
 
+def mismatch_severity(accuracy_gain: float | None, output_change: float | None) -> str:
+    """``high`` when exact statistics gain at least :data:`ACCURACY_GAP` of eval-mode accuracy
+    or, without targets, move the eval outputs by more than :data:`OUTPUT_CHANGE` (relative
+    RMS); ``medium`` otherwise."""
+    if accuracy_gain is not None:
+        return "high" if accuracy_gain >= ACCURACY_GAP else "medium"
+    return "high" if (output_change or 0.0) > OUTPUT_CHANGE else "medium"
+
+
 def init_weight(momentum: float | None, num_batches_tracked: int) -> float:
     """Weight the initial running values still carry after ``num_batches_tracked`` updates:
     ``(1 − momentum)^n`` for an exponential average, 1 before the first update of a cumulative
@@ -788,14 +797,11 @@ def _statistics_findings(
         numbers = mismatch_numbers(r.shift(), r.var_ratio())
         if is_mismatched(numbers["max_mean_shift"], numbers["worst_var_ratio"]):
             numbers.update(effect)
-            high = (gain is not None and gain >= ACCURACY_GAP) or (
-                gain is None and (effect.get("output_change") or 0) > OUTPUT_CHANGE
-            )
             out.append(
                 Finding(
                     "eval-mismatch",
                     r.name,
-                    "high" if high else "medium",
+                    mismatch_severity(gain, effect.get("output_change")),
                     numbers,
                     "In evaluation the layer normalizes with running statistics that differ from "
                     "the statistics of its inputs, so eval-mode outputs differ from what training "
