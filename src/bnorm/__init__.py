@@ -13,7 +13,7 @@ Public API (everything else is private):
 - data-parallel: :class:`SyncBatchNorm`, :class:`SyncBatchNormAct`,
   :func:`convert_sync_batchnorm`, :mod:`bnorm.distributed`
 - tools on whole models: :func:`convert`, :func:`fold`, :func:`freeze`/:func:`unfreeze`,
-  :func:`precise_bn`; their report :class:`ConversionSummary` and :class:`LayersLeftWarning`;
+  :func:`precise_bn`, :func:`doctor` (a :class:`Diagnosis` of a model's batch norm); their report :class:`ConversionSummary` and :class:`LayersLeftWarning`;
   :func:`fuse_custom_config` for torch.ao's ``fuse_modules``
 - the operators (``torch.ops.bnorm.*``) and their Python side: :mod:`bnorm.ops`
 - errors and warnings: :mod:`bnorm.errors`
@@ -52,8 +52,10 @@ from .modules import SyncBatchNormAct as SyncBatchNormAct
 from .modules import convert_sync_batchnorm as convert_sync_batchnorm
 from .modules.renorm import linear_ramp as linear_ramp
 from .tools import ConversionSummary as ConversionSummary
+from .tools import Diagnosis as Diagnosis
 from .tools import LayersLeftWarning as LayersLeftWarning
 from .tools import convert as convert
+from .tools import doctor as doctor
 from .tools import fold as fold
 from .tools import freeze as freeze
 from .tools import fuse_custom_config as fuse_custom_config

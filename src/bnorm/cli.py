@@ -11,6 +11,7 @@ import torch
 
 from . import __version__, bench, demo, ops
 from .lab import cli as lab_cli
+from .tools import doctor_report
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     bench.add_parser(sub)
     lab_cli.add_parser(sub)
+    doctor_report.add_parser(sub)
     info = sub.add_parser(
         "info",
         help="versions, threads, kernel backends and kernel settings of this install",

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ...tools import precise_bn
+from ...tools.doctor import doctor
 from ..data import Dataset, mnist5k
 from ..experiment import JSON, Experiment, Summary, Verdict, median, spread
 from ..models import mlp, seeded, train
@@ -52,6 +53,21 @@ def train_mode_accuracy(model: torch.nn.Module, data: Dataset, batch_size: int) 
         for idx in order.split(batch_size):
             correct += int((twin(data.x_test[idx]).argmax(1) == data.y_test[idx]).sum())
     return correct / len(data.x_test)
+
+
+def doctor_rules(
+    model: torch.nn.Module, data: Dataset, sampler: Sampler | None, cfg: JSON
+) -> list[str]:
+    """What ``bnorm.doctor`` finds on the trained model over one epoch of its training batches
+    (as its sampler draws them): the rules that fired, worst first."""
+    generator = torch.Generator().manual_seed(1)
+    n = len(data.x_train)
+    if sampler is None:
+        order = torch.randperm(n, generator=generator).split(cfg["batch_size"])
+    else:
+        order = list(sampler(n, generator))
+    diagnosis = doctor(model, [data.x_train[i] for i in order])
+    return list(dict.fromkeys(f.rule for f in diagnosis.findings))
 
 
 def config(quick: bool) -> JSON:
@@ -93,6 +109,7 @@ def run(seed: int, cfg: JSON) -> JSON:
             "train_mode_acc": train_mode_accuracy(model, data, cfg["batch_size"]),
             "precise_acc": accuracy(precise, data.x_test, data.y_test),
             "seconds": history.seconds,
+            "doctor": doctor_rules(model, data, sampler, cfg),
         }
     return out
 
@@ -114,6 +131,8 @@ def summarize(results: Sequence[JSON], cfg: JSON) -> Summary:
             {
                 "training batches": name,
                 **{LABELS[k]: spread([r[name][k] for r in results]) for k in KEYS},
+                "bnorm.doctor finds (first seed)": ", ".join(results[0][name].get("doctor", []))
+                or "nothing",
             }
         )
     n = numbers["2 classes per batch"]
