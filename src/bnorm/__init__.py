@@ -17,42 +17,122 @@ Public API (everything else is private):
   :func:`buffer_cache_info`
 - errors and warnings: :mod:`bnorm.errors`
 - the lab (experiments, report): :mod:`bnorm.lab`, imported on demand (it needs the ``lab`` extra)
+
+Importing :mod:`bnorm` is cheap: the names above are imported on first use (PEP 562 module
+``__getattr__``), so that ``bnorm --help`` answers without importing torch. ``from bnorm import
+BatchNorm2d``, ``bnorm.BatchNorm2d`` and ``import bnorm.functional`` work as with eager imports.
 """
 
-from . import distributed as distributed
-from . import errors as errors
-from . import functional as functional
-from . import reference as reference
-from . import reference_remedies as reference_remedies
-from .errors import NonFiniteBatchError as NonFiniteBatchError
-from .errors import NonFiniteBatchWarning as NonFiniteBatchWarning
-from .errors import SyncBatchNormError as SyncBatchNormError
-from .kernels.buffers import buffer_cache_info as buffer_cache_info
-from .kernels.buffers import empty_buffer_cache as empty_buffer_cache
-from .kernels.buffers import set_buffer_cache as set_buffer_cache
-from .modules import BNLSTM as BNLSTM
-from .modules import BatchNorm1d as BatchNorm1d
-from .modules import BatchNorm2d as BatchNorm2d
-from .modules import BatchNorm3d as BatchNorm3d
-from .modules import BatchNormAct1d as BatchNormAct1d
-from .modules import BatchNormAct2d as BatchNormAct2d
-from .modules import BatchRenorm1d as BatchRenorm1d
-from .modules import BatchRenorm2d as BatchRenorm2d
-from .modules import BatchRenorm3d as BatchRenorm3d
-from .modules import BNLSTMCell as BNLSTMCell
-from .modules import FrozenBatchNorm1d as FrozenBatchNorm1d
-from .modules import FrozenBatchNorm2d as FrozenBatchNorm2d
-from .modules import FrozenBatchNorm3d as FrozenBatchNorm3d
-from .modules import GhostBatchNorm1d as GhostBatchNorm1d
-from .modules import GhostBatchNorm2d as GhostBatchNorm2d
-from .modules import RecurrentBatchNorm1d as RecurrentBatchNorm1d
-from .modules import SyncBatchNorm as SyncBatchNorm
-from .modules import convert_sync_batchnorm as convert_sync_batchnorm
-from .modules.renorm import linear_ramp as linear_ramp
-from .tools import convert as convert
-from .tools import fold as fold
-from .tools import freeze as freeze
-from .tools import precise_bn as precise_bn
-from .tools import unfreeze as unfreeze
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: public name -> the submodule (relative to this package) that defines it
+_EXPORTS: dict[str, str] = {
+    "NonFiniteBatchError": "errors",
+    "NonFiniteBatchWarning": "errors",
+    "SyncBatchNormError": "errors",
+    "buffer_cache_info": "kernels.buffers",
+    "empty_buffer_cache": "kernels.buffers",
+    "set_buffer_cache": "kernels.buffers",
+    "BNLSTM": "modules",
+    "BatchNorm1d": "modules",
+    "BatchNorm2d": "modules",
+    "BatchNorm3d": "modules",
+    "BatchNormAct1d": "modules",
+    "BatchNormAct2d": "modules",
+    "BatchRenorm1d": "modules",
+    "BatchRenorm2d": "modules",
+    "BatchRenorm3d": "modules",
+    "BNLSTMCell": "modules",
+    "FrozenBatchNorm1d": "modules",
+    "FrozenBatchNorm2d": "modules",
+    "FrozenBatchNorm3d": "modules",
+    "GhostBatchNorm1d": "modules",
+    "GhostBatchNorm2d": "modules",
+    "RecurrentBatchNorm1d": "modules",
+    "SyncBatchNorm": "modules",
+    "convert_sync_batchnorm": "modules",
+    "linear_ramp": "modules.renorm",
+    "convert": "tools",
+    "fold": "tools",
+    "freeze": "tools",
+    "precise_bn": "tools",
+    "unfreeze": "tools",
+}
+#: public submodules, importable as attributes (``bnorm.functional``)
+_SUBMODULES: tuple[str, ...] = (
+    "distributed",
+    "errors",
+    "functional",
+    "reference",
+    "reference_remedies",
+)
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first access and keep it as a module attribute.
+
+    Any other submodule of the package (``bnorm.kernels``, ``bnorm.lab``, ...) is imported on
+    attribute access too, as it would be after an eager ``import bnorm.<name>``.
+    """
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif not name.startswith("__"):
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise  # the submodule exists but one of its own imports failed
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # the same names, for type checkers and documentation tools
+    from . import distributed as distributed
+    from . import errors as errors
+    from . import functional as functional
+    from . import reference as reference
+    from . import reference_remedies as reference_remedies
+    from .errors import NonFiniteBatchError as NonFiniteBatchError
+    from .errors import NonFiniteBatchWarning as NonFiniteBatchWarning
+    from .errors import SyncBatchNormError as SyncBatchNormError
+    from .kernels.buffers import buffer_cache_info as buffer_cache_info
+    from .kernels.buffers import empty_buffer_cache as empty_buffer_cache
+    from .kernels.buffers import set_buffer_cache as set_buffer_cache
+    from .modules import BNLSTM as BNLSTM
+    from .modules import BatchNorm1d as BatchNorm1d
+    from .modules import BatchNorm2d as BatchNorm2d
+    from .modules import BatchNorm3d as BatchNorm3d
+    from .modules import BatchNormAct1d as BatchNormAct1d
+    from .modules import BatchNormAct2d as BatchNormAct2d
+    from .modules import BatchRenorm1d as BatchRenorm1d
+    from .modules import BatchRenorm2d as BatchRenorm2d
+    from .modules import BatchRenorm3d as BatchRenorm3d
+    from .modules import BNLSTMCell as BNLSTMCell
+    from .modules import FrozenBatchNorm1d as FrozenBatchNorm1d
+    from .modules import FrozenBatchNorm2d as FrozenBatchNorm2d
+    from .modules import FrozenBatchNorm3d as FrozenBatchNorm3d
+    from .modules import GhostBatchNorm1d as GhostBatchNorm1d
+    from .modules import GhostBatchNorm2d as GhostBatchNorm2d
+    from .modules import RecurrentBatchNorm1d as RecurrentBatchNorm1d
+    from .modules import SyncBatchNorm as SyncBatchNorm
+    from .modules import convert_sync_batchnorm as convert_sync_batchnorm
+    from .modules.renorm import linear_ramp as linear_ramp
+    from .tools import convert as convert
+    from .tools import fold as fold
+    from .tools import freeze as freeze
+    from .tools import precise_bn as precise_bn
+    from .tools import unfreeze as unfreeze
