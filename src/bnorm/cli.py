@@ -316,7 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
             return 1
-        text = " ".join(str(err).split()) or type(err).__name__
+        # a KeyError's str() is the repr of its key; its message reads better bare
+        raw = err.args[0] if isinstance(err, KeyError) and err.args else err
+        text = " ".join(str(raw).split()) or type(err).__name__
         print(f"{prog}: error: {text} (run `bnorm --debug ...` for the traceback)", file=sys.stderr)
         return 1
 
