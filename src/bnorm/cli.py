@@ -146,6 +146,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     output_dir(args.out)
+    which = f"the {'quick' if args.quick else 'default'} set of cases"
+    which = f"{len(args.case)} case(s) given" if args.case else which
+    _say(
+        f"bnorm bench: {which}, bnorm and torch alternating, each case in "
+        f"{'this process' if args.one_process else 'a fresh process'}; loading torch and bnorm "
+        "(the first run after installing also prepares bnorm's CPU kernels)"
+    )
     from . import bench
 
     return bench.run_command(args)
