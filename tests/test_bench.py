@@ -4,17 +4,23 @@ here: the numbers are only checked to be well-formed)."""
 import argparse
 import csv
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 import bnorm
-from bnorm import bench
+from bnorm import bench, cli
 from bnorm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_writes_table_and_csv(tmp_path, capsys):
     args = ["bench", "--case", "nc:8x3", "--case", "cl:2x3x4x4", "--reps", "2"]
-    assert main([*args, "--results-dir", str(tmp_path), "--no-progress"]) == 0
+    assert main([*args, "--out", str(tmp_path), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| N,C | 8x3 |" in out and "| channels_last | 2x3x4x4 |" in out
     assert "bnorm.fold" in out
@@ -59,10 +65,49 @@ def _torch_version():
     return torch.__version__.split("+")[0]
 
 
-@pytest.mark.parametrize("text", ["nchw:2x3", "xyz:2x3", "nc", "nc:0x3"])
+@pytest.mark.parametrize("text", ["nchw:2x3", "xyz:2x3", "nc", "nc:0x3", "nchw:abc", "cl:2x3x4"])
 def test_bad_case_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        bench._parse_case(text)
+        cli.parse_case(text)
+
+
+def test_case_text_reads_back():
+    for case in bench.DEFAULT_CASES:
+        assert bench.Case(*cli.parse_case(bench._case_text(case))) == case
+
+
+@pytest.mark.parametrize("speedup,word", [(1.25, "1.25× faster"), (0.8, "1.25× slower")])
+def test_fold_line_says_slower_when_slower(speedup, word):
+    """Regression: a slower folded model was reported as "(1.07× faster)"."""
+    line = bench.fold_line(
+        {"model_ms": 1.0, "folded_ms": 1.0 / speedup, "speedup": speedup, "max_rel_error": 0.0}
+    )
+    assert f"**{word}**" in line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_quick_bench_leaves_the_clone_clean(tmp_path):
+    """Regression: `bnorm bench --quick` from the repository root overwrote the tracked
+    benchmarks/results/*.csv. Run in a fresh clone, it must leave `git status` clean and put its
+    CSV under bnorm-out/bench/."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--local", str(ROOT), str(clone)], check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "bnorm", "bench", "--quick", "--reps", "1", "--one-process",
+         "--no-progress"],
+        cwd=clone, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"],
+        cwd=clone, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert status.stdout == ""
+    written = list((clone / "bnorm-out" / "bench").glob("*.csv"))
+    assert len(written) == 1 and str(written[0].relative_to(clone)) in done.stdout
 
 
 def test_quick_cases_are_a_subset_in_size():

@@ -55,3 +55,25 @@ def test_runs_are_reproducible():
     a = demo.train_one("BN before ReLU", seed=3, epochs=2)
     b = demo.train_one("BN before ReLU", seed=3, epochs=2)
     assert a.test_acc == b.test_acc
+
+
+def test_demo_trains_on_one_thread_and_restores_the_count(tmp_path, monkeypatch, capsys):
+    """The demo's networks are tiny: it trains on one torch thread (a busy second core stalls
+    every step), and gives the caller its thread count back."""
+    import torch
+
+    seen = []
+    real = demo.run_demo
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "run_demo", spy)
+    before = torch.get_num_threads()
+    argv = ["demo", "--seeds", "1", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    assert seen == [1]
+    assert torch.get_num_threads() == before
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("bnorm demo: 3 variants x 1 seed(s) x 1 epochs")

@@ -17,7 +17,9 @@ round ratios, so a burst of load on a shared machine hits both sides of a round 
 
 The table is printed as markdown, followed by the project's speed goals checked against the
 numbers just measured, and the inference speedup of :func:`bnorm.fold` on a small conv net. A
-CSV goes to ``<results-dir>/<machine kind>-torch<version>.csv``.
+CSV goes to ``<--out>/<machine kind>-torch<version>.csv`` (default ``bnorm-out/bench/``, relative
+to the current folder: never into the source tree, whose ``benchmarks/results/`` holds curated
+runs). The options are declared and checked in :mod:`bnorm.cli`.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 import bnorm
+from bnorm.cli import parse_case
 
 __all__ = [
     "DEFAULT_CASES",
@@ -49,10 +52,12 @@ __all__ = [
     "Case",
     "Goal",
     "cpu_model",
+    "fold_line",
     "goals_table",
     "machine_kind",
     "measure_case",
     "run",
+    "run_command",
 ]
 
 
@@ -271,10 +276,9 @@ def measure_case(case: Case, reps: int, compile: bool = False) -> dict[str, floa
         compiled = torch.compile(_layers(case)[1])
         train["compile"] = _train_step(compiled, xg, dy)
     t = _alternate(train, reps)
-    # The cold copy in rounds of its own, with bnorm: its cache flush slows whatever runs next
-    # (measured: bnorm's training 10-20% slower right after one, torch's 0-5%), so it stays out
-    # of the bnorm-torch rounds; here bnorm always runs right after a flush (the conservative
-    # side for the "≤ 5× a cold copy" goal).
+    # The cold copy in rounds of its own, with bnorm: its cache flush slows whatever runs next,
+    # and not both contenders alike, so it stays out of the bnorm-torch rounds; here bnorm
+    # always runs right after a flush (the conservative side for the "≤ 5× a cold copy" goal).
     c = _alternate(
         {"bnorm": train["bnorm"], "cold_copy": _Cold(_flush_caches, lambda: dst.copy_(x))}, reps
     )
@@ -380,7 +384,7 @@ def markdown_table(rows: Sequence[dict[str, float | str]]) -> str:
 
 @dataclass(frozen=True)
 class Goal:
-    """A speed goal of the project (issue #3), checked against a measured row."""
+    """A speed goal of the project, checked against a measured row."""
 
     text: str
     key: str
@@ -397,7 +401,7 @@ def _mb(row: dict[str, float | str]) -> float:
     return float(row["MB"])
 
 
-#: the goals, in the words of issue #3 (sizes in MiB of float32 input)
+#: the project's speed goals (sizes in MiB of float32 input)
 GOALS = [
     Goal(
         "training ≥ 2× faster than torch, NCHW, 1–32 MB",
@@ -520,66 +524,29 @@ def _child(argv: Sequence[str]) -> None:
     """``python -m bnorm.bench CASE REPS THREADS compile|eager``: one row as JSON."""
     case_text, reps, threads, mode = argv
     torch.set_num_threads(int(threads))
-    row = measure_case(_parse_case(case_text), int(reps), mode == "compile")
+    row = measure_case(Case(*parse_case(case_text)), int(reps), mode == "compile")
     print(json.dumps(row))
 
 
-def _parse_case(text: str) -> Case:
-    layout, _, shape = text.partition(":")
-    names = {"nc": "N,C", "ncl": "N,C,L", "nchw": "NCHW", "cl": "channels_last"}
-    if layout.lower() not in names or not shape:
-        raise argparse.ArgumentTypeError(
-            f"expected LAYOUT:SHAPE with LAYOUT one of {sorted(names)}, e.g. nchw:32x64x28x28; "
-            f"got {text!r}"
-        )
-    dims = tuple(int(d) for d in shape.lower().split("x"))
-    ranks = {"nc": (2,), "ncl": (3,), "nchw": (4,), "cl": (4,)}[layout.lower()]
-    if len(dims) not in ranks or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"shape {shape!r} does not fit layout {layout!r}")
-    return Case(names[layout.lower()], dims)
+def fold_line(folding: dict[str, float]) -> str:
+    """The report's line on :func:`bnorm.fold`: times before and after, and the ratio in words
+    ("faster" when folding helped, "slower" when it did not)."""
+    speedup = folding["speedup"]
+    ratio = f"{speedup:.2f}× faster" if speedup >= 1 else f"{1 / speedup:.2f}× slower"
+    return (
+        f"bnorm.fold on a 3-block conv net, eval, batch 8x3x32x32: "
+        f"{folding['model_ms']:.3f} ms -> {folding['folded_ms']:.3f} ms "
+        f"(**{ratio}**; max relative difference {folding['max_rel_error']:.1e})"
+    )
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "bench",
-        help="bnorm vs torch batch norm, side by side (markdown table + CSV)",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--quick", action="store_true", help="fewer, smaller cases (about 1 min)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile (slow)")
-    p.add_argument("--reps", type=int, default=None, help="pairs per measurement (31; quick 15)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument(
-        "--case",
-        type=_parse_case,
-        action="append",
-        metavar="LAYOUT:SHAPE",
-        help="measure this case instead of the default set (repeatable), e.g. cl:32x64x28x28",
-    )
-    p.add_argument(
-        "--results-dir",
-        type=Path,
-        default=Path("benchmarks") / "results",
-        help="where the CSV goes (default benchmarks/results)",
-    )
-    p.add_argument(
-        "--one-process",
-        action="store_true",
-        help="measure every case in this process (by default each case gets a fresh one)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """``bnorm bench`` after :mod:`bnorm.cli` checked the options (``--out`` is writable)."""
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("bnorm bench: --threads must be at least 1")
         torch.set_num_threads(args.threads)
     reps = args.reps if args.reps is not None else (15 if args.quick else 31)
-    if reps < 1:
-        raise SystemExit("bnorm bench: --reps must be at least 1")
-    cases = args.case or (QUICK_CASES if args.quick else DEFAULT_CASES)
+    cases = [Case(*c) for c in args.case] if args.case else None
+    cases = cases or (QUICK_CASES if args.quick else DEFAULT_CASES)
     load_before = _load()
     rows, folding = run(
         cases,
@@ -602,17 +569,12 @@ def _main(args: argparse.Namespace) -> int:
     print(markdown_table(rows))
     table, missed = goals_table(rows)
     print(f"\nGoals, checked against the numbers above ({missed} missed):\n{table}")
-    print(
-        f"\nbnorm.fold on a 3-block conv net, eval, batch 8x3x32x32: "
-        f"{folding['model_ms']:.3f} ms -> {folding['folded_ms']:.3f} ms "
-        f"(**{folding['speedup']:.2f}×** faster; max relative difference "
-        f"{folding['max_rel_error']:.1e})"
-    )
-    args.results_dir.mkdir(parents=True, exist_ok=True)
+    print("\n" + fold_line(folding))
+    args.out.mkdir(parents=True, exist_ok=True)
     # the default run (all cores) is the results file; other thread counts are named apart
     threads = torch.get_num_threads()
     suffix = "" if threads == os.cpu_count() else f"-{threads}thread"
-    path = args.results_dir / f"{machine_kind()}-torch{version}{suffix}.csv"
+    path = args.out / f"{machine_kind()}-torch{version}{suffix}.csv"
     fields = list(dict.fromkeys(k for row in rows for k in row))
     fold_fields = ["fold_model_ms", "fold_folded_ms", "fold_speedup", "fold_max_rel_error"]
     meta = {

@@ -51,6 +51,7 @@ __all__ = [
     "RunHistory",
     "build_model",
     "load_circles",
+    "run_command",
     "run_demo",
     "train_one",
 ]
@@ -295,19 +296,6 @@ def run_demo(
     return result, out
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "demo",
-        help="the article's example: no BN vs BN after vs BN before the ReLU",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--seeds", type=int, default=5, help="seeds per variant (default 5)")
-    p.add_argument("--epochs", type=int, default=100, help="epochs per run (default 100)")
-    p.add_argument("--out", type=Path, default=Path("bnorm-out") / "demo", help="output folder")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_main)
-
-
 def _launch_rank() -> int:
     # after destroy_process_group the rank is only in torchrun's environment
     return int(os.environ.get("RANK", "0"))
@@ -317,13 +305,21 @@ def _launch_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _main(args: argparse.Namespace) -> int:
-    if args.seeds < 1 or args.epochs < 1:
-        raise SystemExit("bnorm demo: --seeds and --epochs must be at least 1")
+def run_command(args: argparse.Namespace) -> int:
+    """``bnorm demo`` after :mod:`bnorm.cli` checked the options (``seeds``, ``epochs`` at least
+    1, ``out`` writable): train on one torch thread, print the table, write the files."""
     start = time.perf_counter()
-    # Under `torchrun --nproc-per-node N -m bnorm demo`: data-parallel over gloo, rank 0 reports.
-    with bd.process_group_from_env() as distributed:
-        result, out = run_demo(args.seeds, args.epochs, args.out, progress=not args.no_progress)
+    # Networks of 50 units: a second thread only adds synchronization, and on a busy machine
+    # a thread waiting for a core stalls every step.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # Under `torchrun --nproc-per-node N -m bnorm demo`: data-parallel over gloo, rank 0
+        # reports.
+        with bd.process_group_from_env() as distributed:
+            result, out = run_demo(args.seeds, args.epochs, args.out, progress=not args.no_progress)
+    finally:
+        torch.set_num_threads(threads)
     if _launch_rank() != 0:  # only rank 0 reports
         return 0
     print()

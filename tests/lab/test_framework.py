@@ -146,15 +146,15 @@ def test_report_command_recomputes_from_seed_files(fake_registry, tmp_path, caps
     assert (tmp_path / "report.html").exists() and (tmp_path / "fake" / "summary.json").exists()
     assert "report.html" in capsys.readouterr().out
     (tmp_path / "fake2" / "seed-0.json").unlink()
-    with pytest.raises(FileNotFoundError, match="fake2"):
-        main(["lab", "report", str(tmp_path)])
+    assert main(["lab", "report", str(tmp_path)]) != 0  # bnorm.cli: one line, no traceback
+    assert "fake2" in capsys.readouterr().err
 
 
 def test_cli_list_and_unknown_name(fake_registry, capsys):
     assert main(["lab", "list"]) == 0
     assert "fake2" in capsys.readouterr().out
-    with pytest.raises(KeyError, match="choose one of: fake, fake2"):
-        main(["lab", "run", "nope", "--quick"])
+    assert main(["lab", "run", "nope", "--quick"]) != 0  # bnorm.cli: one line, no traceback
+    assert "choose one of: fake, fake2" in capsys.readouterr().err
 
 
 def test_spread_counts_missing_runs():
