@@ -106,8 +106,10 @@ def test_quick_bench_leaves_the_clone_clean(tmp_path):
         cwd=clone, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert status.stdout == ""
-    written = list((clone / "bnorm-out" / "bench").glob("*.csv"))
-    assert len(written) == 1 and str(written[0].relative_to(clone)) in done.stdout
+    written = sorted((clone / "bnorm-out" / "bench").glob("*.csv"))
+    assert sorted(p.name.endswith("-models.csv") for p in written) == [False, True]
+    assert all(str(p.relative_to(clone)) in done.stdout for p in written)
+    assert "| mlp | 256x1024 |" in done.stdout  # the quick set's end-to-end section
 
 
 def test_quick_cases_are_a_subset_in_size():

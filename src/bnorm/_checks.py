@@ -153,6 +153,48 @@ def check_device(layer: str, x: Tensor, tensors: Mapping[str, Tensor | None]) ->
             )
 
 
+_PLAIN_DTYPES = (torch.float32, torch.float64)
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def plainly_valid(
+    x: object,
+    ranks: tuple[int, ...],
+    num_features: int,
+    tensors: tuple[Tensor | None, ...],
+    eps: float,
+    momentum: object,
+    on_nonfinite: str,
+    use_batch_stats: bool,
+) -> bool:
+    """True when a layer call is certainly valid: a plain float32/float64 tensor of an accepted
+    rank and channel count, per-channel tensors of C values of its dtype on its device, a
+    positive eps, a momentum in [0, 1] or None and more than one value per channel for batch
+    statistics. False means "not sure": :func:`check_call` then decides, and words the error.
+
+    Why: a layer's checks run at every call, and on small inputs the full checks would cost as
+    much as the batch norm itself.
+    """
+    if type(x) is not Tensor or x.dim() not in ranks:
+        return False
+    if x.shape[1] != num_features or x.dtype not in _PLAIN_DTYPES:
+        return False
+    dtype, device = x.dtype, x.device
+    for t in tensors:
+        if t is not None and (
+            type(t) not in _PLAIN_TYPES
+            or t.dtype != dtype
+            or t.device != device
+            or t.numel() != num_features
+        ):
+            return False
+    if type(eps) not in (float, int) or not eps > 0 or on_nonfinite not in NONFINITE_POLICIES:
+        return False
+    if momentum is not None and (type(momentum) not in (float, int) or not 0 <= momentum <= 1):
+        return False
+    return not use_batch_stats or x.numel() > num_features
+
+
 def check_call(
     layer: str,
     x: object,

@@ -43,6 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 import bnorm
+from bnorm import bench_models
 from bnorm.cli import parse_case
 
 __all__ = [
@@ -597,6 +598,26 @@ def run_command(args: argparse.Namespace) -> int:
             | {f"fold_{k}": f"{v:.3g}" for k, v in folding.items()}
         )
     print(f"CSV: {path}")
+    if not args.case:  # the default (or quick) set: whole models too
+        names = ["mlp"] if args.quick else list(bench_models.MODELS)
+        model_rows = []
+        for name in tqdm(names, desc="end to end", disable=args.no_progress, unit="model"):
+            row = bench_models.measure_model(name, min(reps, 15), args.compile, _alternate)
+            row |= bench_models.peak_rss_ratio(name, runs=1 if args.quick else 3)
+            model_rows.append(row)
+        print(
+            "\nEnd to end, bnorm.convert(model) over the same model with torch's BatchNorm "
+            "(time or memory ratios; below 1: bnorm faster or smaller):"
+        )
+        print(bench_models.markdown(model_rows))
+        models_path = path.with_name(path.stem + "-models.csv")
+        with models_path.open("w", newline="") as f:
+            names_ = list(dict.fromkeys(k for row in model_rows for k in row))
+            writer = csv.DictWriter(f, fieldnames=[*meta, *names_])
+            writer.writeheader()
+            for row in model_rows:
+                writer.writerow(meta | {k: _csv_value(v) for k, v in row.items()})
+        print(f"CSV: {models_path}")
     return 0
 
 

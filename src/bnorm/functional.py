@@ -25,6 +25,7 @@ Routes (each gives the same numbers, to 1e-6):
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -254,7 +255,7 @@ def update_running_stats(
         count > 0
         and type(mean) is Tensor  # a real tensor (not fake, not a tracer's): it can be read
         and mean.device.type == "cpu"
-        and not bool(torch.isfinite(mean).all() and torch.isfinite(var).all())
+        and not math.isfinite(float((mean + var).sum()))  # NaN or Inf in either
     ):
         _report_nonfinite(layer, on_nonfinite, stacklevel=5)
         return

@@ -115,6 +115,23 @@ class _BatchNormBase:
         (Not under ``torch.jit.trace``, where the checks' comparisons would be traced.)"""
         if torch.jit.is_tracing():
             return
+        params, buffers = self._parameters, self._buffers
+        if _checks.plainly_valid(
+            input,
+            self._ranks,
+            self.num_features,
+            (
+                params.get("weight"),
+                params.get("bias"),
+                buffers.get("running_mean"),
+                buffers.get("running_var"),
+            ),
+            self.eps,
+            self.momentum,
+            self.on_nonfinite,
+            use_batch_stats,
+        ):
+            return  # the common case, recognized in a few comparisons
         _checks.check_call(
             self._layer_name(),
             input,
