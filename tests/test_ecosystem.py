@@ -67,12 +67,12 @@ _FX = "input checks branch on the Proxy's shape"
 GAPS = {
     ("BatchRenorm2d", "script"): _SCRIPT,
     ("GhostBatchNorm2d", "script"): _SCRIPT,
-    ("BatchNormAct2d", "script"): _SCRIPT,
     ("BatchRenorm2d", "fx-train"): _FX,
     ("GhostBatchNorm2d", "fx-train"): _FX,
     ("BatchRenorm2d", "forward_ad-train"): "autograd.Function without a jvp rule",
     ("BatchRenorm2d", "trace-train"): "Python branches on the batch's size are traced",
     ("GhostBatchNorm2d", "trace-train"): "Python branches on the batch's size are traced",
+    ("BatchRenorm2d", "double_backward-train"): "r and d are constants in its gradient",
 }
 
 
@@ -326,8 +326,11 @@ def test_gradcheck_forward_ad_and_batched_grad(training, affine):
 
 @pytest.mark.parametrize("name,training", _cases("fake"))
 def test_fake_tensor_mode(name, training):
-    layer, _, x = _make(name, training)
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    """A model built and run under FakeTensorMode (as tracing tools do): shapes, dtypes and
+    strides without data."""
+    _, _, x = _make(name, training)
+    with FakeTensorMode() as mode:
+        layer = LAYERS[name][0]().train(training)
         fx = mode.from_tensor(x)
         y = layer(fx)
     assert y.shape == x.shape and y.dtype == x.dtype
@@ -342,15 +345,36 @@ def test_meta_device(name):
     assert y.device.type == "meta" and y.shape == x.shape
 
 
-@pytest.mark.parametrize("name", _names("autocast", ["BatchNorm2d", "BatchNorm1d"]))
+@pytest.mark.parametrize("name", _names("autocast"))
 def test_autocast_bfloat16(name):
+    """A bfloat16 activation into float32 parameters, as autocast makes them: bfloat16 out,
+    computed in float32 (against torch's layer, or bnorm's own float32 result)."""
     layer, twin, x = _make(name, training=True)
+    reference = twin if twin is not None else _make(name, training=True)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = layer(x.bfloat16())
-        theirs = twin(x.bfloat16())
-    assert ours.dtype == theirs.dtype == torch.bfloat16
-    _close(ours.float(), theirs.float(), atol=2e-2)
-    _same_state(layer, twin)
+        theirs = reference(x.bfloat16() if twin is not None else x.bfloat16().float())
+    assert ours.dtype == torch.bfloat16
+    _close(ours.float(), theirs.float(), atol=5e-2)
+    _same_state(layer, reference)
+
+
+@pytest.mark.parametrize("name,training", _cases("double_backward"))
+def test_double_backward(name, training):
+    layer, _, x = _make(name, training)
+    layer = layer.double()
+    x = x[:4].double().requires_grad_()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    buffers = {k: v.clone() for k, v in layer.named_buffers()}
+
+    def f(t, *ps):
+        with torch.no_grad():  # the same running statistics for every evaluation
+            for k, v in layer.named_buffers():
+                if not torch.equal(v, buffers[k]):  # (a copy would bump the version)
+                    v.copy_(buffers[k])
+        return layer(t)
+
+    assert torch.autograd.gradgradcheck(f, (x, *params))
 
 
 @pytest.mark.parametrize("name", _names("checkpoint", ["BatchNorm2d", "BatchNorm1d"]))

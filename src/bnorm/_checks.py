@@ -122,6 +122,8 @@ def check_momentum(layer: str, momentum: object) -> None:
 
 
 def _is_fake(t: Tensor) -> bool:
+    if torch.compiler.is_compiling():  # everything is fake there, and dynamo skips is_fake
+        return False
     # FakeTensor lives in a private module; import lazily so a torch without it still works.
     try:
         from torch._subclasses.fake_tensor import is_fake

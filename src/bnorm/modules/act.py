@@ -551,6 +551,11 @@ class _BatchNormActBase(_ActMixin, _BatchNormBase):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.act(self.drop(self._op_forward(input)))
+        if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
+            # symbolic tracing, jit.trace: the operator and the modules, no Python checks
+            return self.act(self.drop(self._op_forward(input)))
         if not self.memory_efficient or values_per_channel(input) == 0:
             # batch norm keeps its input, not its output, for the backward: the activation may
             # work in place on this fresh output
