@@ -162,6 +162,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _stability(args: argparse.Namespace) -> int:
     try:
+        _check_names(args.names)
         _check_positive(args.threads, "--threads")
         out = _check_out(args.out)
         if args.docs is not None:
@@ -171,12 +172,12 @@ def _stability(args: argparse.Namespace) -> int:
     from .runner import run_stability, write_text_atomic
 
     print(
-        f"bnorm lab stability: two {'quick' if args.quick else 'full'} runs of the whole lab "
-        f"(seeds from 0 and from 1000) into {out}",
+        f"bnorm lab stability: two {'quick' if args.quick else 'full'} runs of "
+        f"{', '.join(args.names)} (seeds from 0 and from 1000) into {out}",
         file=sys.stderr,
     )
     text = run_stability(
-        quick=args.quick, out=out, progress=not args.no_progress, threads=args.threads
+        args.names, quick=args.quick, out=out, progress=not args.no_progress, threads=args.threads
     )
     if args.docs is not None:
         write_text_atomic(Path(args.docs), text)
@@ -258,6 +259,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "stability",
             help="run the whole lab twice with disjoint seeds; table of both verdicts per claim",
         )
+    )
+    stab.add_argument(
+        "names", nargs="*", default=["all"], metavar="NAME", help="experiments (default: all)"
     )
     stab.add_argument("--quick", action="store_true", help="two quick runs instead of full ones")
     stab.add_argument("--out", default="bnorm-out/lab-stability", help="output directory")

@@ -435,6 +435,7 @@ def summarize_dir(out: Path) -> list[JSON]:
 
 
 def run_stability(
+    names: Sequence[str] = ("all",),
     *,
     quick: bool = False,
     out: Path = Path("bnorm-out/lab-stability"),
@@ -443,7 +444,8 @@ def run_stability(
     threads: int | None = 1,
     budget: float | None = None,
 ) -> str:
-    """Run the whole lab twice with disjoint seed sets; write and return a Markdown table.
+    """Run the lab (``names``, default all) twice with disjoint seed sets; write and return a
+    Markdown table.
 
     The runs go to ``out/seeds-<first>`` (each resumable, each with its report); the table
     (``out/stability.md``) lists per claim both verdicts, their checks' intervals and seeds,
@@ -454,7 +456,7 @@ def run_stability(
     for first in first_seeds:
         t0 = time.time()
         records = run_lab(
-            ["all"],
+            names,
             quick=quick,
             first_seed=first,
             out=out / f"seeds-{first}",

@@ -199,4 +199,5 @@ EXPERIMENT = Experiment(
     decide=decide,
     plot=plot,
     seeds=(2, 3),
+    max_seeds=(3, 6),
 )
