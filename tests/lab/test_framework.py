@@ -61,8 +61,8 @@ def _fake_experiment(name: str = "fake", margin: float = -100.0) -> Experiment:
         summarize=summarize,
         decide=decide,
         plot=plot,
-        seeds=(2, 3),
-        max_seeds=(4, 6),
+        seeds=(3, 4),
+        max_seeds=(5, 6),
     )
 
 
@@ -100,7 +100,7 @@ def test_write_json_atomic_refuses_nan(tmp_path):
 
 def test_run_resumes_and_recomputes_on_config_change(fake_registry, tmp_path):
     runner.run_lab(["all"], quick=True, out=tmp_path, progress=False)
-    assert sorted(CALLS) == [(0, True), (0, True), (1, True), (1, True)]
+    assert sorted(CALLS) == sorted([(0, True), (1, True), (2, True)] * 2)
     CALLS.clear()
     runner.run_lab(["fake"], quick=True, out=tmp_path, progress=False)
     assert CALLS == []  # everything was already there: resumed
@@ -109,17 +109,17 @@ def test_run_resumes_and_recomputes_on_config_change(fake_registry, tmp_path):
     assert CALLS == [(1, True)]
     CALLS.clear()
     runner.run_lab(["fake"], quick=False, out=tmp_path, progress=False)
-    assert CALLS == [(0, False), (1, False), (2, False)]  # full config: recomputed, 3 seeds
+    assert CALLS == [(s, False) for s in range(4)]  # full config: recomputed, 4 seeds
 
 
 def test_summary_and_verdict_come_from_the_numbers(fake_registry, tmp_path):
-    records = runner.run_lab(["fake"], quick=True, seeds=2, out=tmp_path, progress=False)
-    assert records[0]["numbers"]["per_seed"]["score"] == [3, 4]
+    records = runner.run_lab(["fake"], quick=True, seeds=3, out=tmp_path, progress=False)
+    assert records[0]["numbers"]["per_seed"]["score"] == [3, 4, 5]
     assert records[0]["verdict"] == "supported"
     (check_json,) = records[0]["checks"]
-    assert check_json["mean"] == 3.5 and check_json["values"] == [3, 4]
+    assert check_json["mean"] == 4 and check_json["values"] == [3, 4, 5]
     saved = json.loads((tmp_path / "fake" / "summary.json").read_text())
-    assert saved["verdict"] == "supported" and saved["seed_list"] == [0, 1]
+    assert saved["verdict"] == "supported" and saved["seed_list"] == [0, 1, 2]
 
 
 def _set_margin(monkeypatch, registry_, name: str, margin: float) -> None:
@@ -130,29 +130,29 @@ def _set_margin(monkeypatch, registry_, name: str, margin: float) -> None:
 
 def test_seeds_are_added_until_the_maximum_while_inconclusive(fake_registry, tmp_path, monkeypatch):
     """Adding seeds stops at the experiment's maximum when the verdict never decides."""
-    # Scores 3, 4, 5, …: a margin of 4.5 stays inside the interval of the first 4 seeds.
-    _set_margin(monkeypatch, fake_registry, "fake", 4.5)
+    # Scores 3, 4, 5, …: a margin of 5 stays inside the interval of the first 5 seeds.
+    _set_margin(monkeypatch, fake_registry, "fake", 5.0)
     records = runner.run_lab(["fake"], quick=True, out=tmp_path, progress=False, budget=1e9)
     assert records[0]["verdict"] == "inconclusive"
-    assert records[0]["seed_list"] == [0, 1, 2, 3]  # max_seeds quick = 4
-    assert sorted(s for s, _ in CALLS) == [0, 1, 2, 3]
+    assert records[0]["seed_list"] == [0, 1, 2, 3, 4]  # max_seeds quick = 5
+    assert sorted(s for s, _ in CALLS) == [0, 1, 2, 3, 4]
     manifest = json.loads((tmp_path / "lab.json").read_text())
-    assert manifest["experiments"]["fake"]["seeds"] == [0, 1, 2, 3]
+    assert manifest["experiments"]["fake"]["seeds"] == [0, 1, 2, 3, 4]
 
 
 def test_seeds_are_not_added_once_decided_or_out_of_budget(fake_registry, tmp_path, monkeypatch):
     records = runner.run_lab(["fake"], quick=True, out=tmp_path, progress=False, budget=1e9)
-    assert records[0]["verdict"] == "supported" and records[0]["seeds"] == 2
-    _set_margin(monkeypatch, fake_registry, "fake", 4.5)
+    assert records[0]["verdict"] == "supported" and records[0]["seeds"] == 3
+    _set_margin(monkeypatch, fake_registry, "fake", 5.0)
     CALLS.clear()
     records = runner.run_lab(["fake"], quick=True, out=tmp_path / "b", progress=False, budget=0)
-    assert records[0]["verdict"] == "inconclusive" and records[0]["seeds"] == 2
-    assert len(CALLS) == 2
+    assert records[0]["verdict"] == "inconclusive" and records[0]["seeds"] == 3
+    assert len(CALLS) == 3
 
 
 def test_first_seed_gives_disjoint_seed_sets(fake_registry, tmp_path):
     records = runner.run_lab(["fake"], quick=True, out=tmp_path, first_seed=1000, progress=False)
-    assert records[0]["seed_list"] == [1000, 1001]
+    assert records[0]["seed_list"] == [1000, 1001, 1002]
     assert (tmp_path / "fake" / "seed-1000.json").exists()
 
 
@@ -176,7 +176,7 @@ def test_report_shows_checks_seeds_and_how_to_read(fake_registry, tmp_path):
     assert "How to read this" in html and "inconclusive" in html
     assert "Fake &lt;claim&gt; &amp; quote" in html  # escaped
     assert "`" not in html.split("<script>")[0] + html.split("</script>")[1]  # rendered
-    assert "<code>4</code>" in html  # the headline's backticks became code
+    assert "<code>5</code>" in html  # the headline's backticks became code
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', html)
     assert len(images) == 2 == html.count("<img")
     for data in images:
@@ -290,7 +290,7 @@ def test_report_names_a_damaged_file_and_carries_on(fake_registry, tmp_path, cap
     assert len(captured.err.strip().splitlines()) == 1
     assert "fake2" in captured.out and path.with_name("seed-0.json.corrupt").exists()
     assert 'href="#fake2"' in (tmp_path / "report.html").read_text()
-    assert CALLS == [(0, True), (1, True)] * 2  # nothing was trained by the report
+    assert CALLS == [(0, True), (1, True), (2, True)] * 2  # the report trained nothing
 
 
 def test_damaged_manifest_is_set_aside_by_run(fake_registry, tmp_path, capsys):
@@ -379,7 +379,7 @@ def test_stability_table_flags_a_flip(fake_registry, tmp_path, monkeypatch):
     assert set(rows) == {"fake", "fake2"}
     assert "not supported" in rows["fake"] and "**no**" in rows["fake"]
     assert rows["fake2"].endswith("| yes |")
-    assert "0–1" in rows["fake"] and "1000–1001" in rows["fake"]
+    assert "0–2" in rows["fake"] and "1000–1002" in rows["fake"]
     assert (tmp_path / "stability.md").read_text() == text
     assert "1 of 2" in text
 

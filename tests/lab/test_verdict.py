@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from bnorm.lab.verdict import Decision, all_of, check, interval_text_json, t_interval
+from bnorm.lab.verdict import (
+    MIN_SEEDS,
+    Decision,
+    all_of,
+    check,
+    interval_text_json,
+    t_interval,
+)
 
 values = st.lists(
     st.floats(min_value=-1e3, max_value=1e3, allow_nan=False), min_size=2, max_size=12
@@ -45,7 +52,7 @@ def test_check_verdict_follows_the_interval(xs, margin, side):
     if side == "below":
         beyond, short = short, beyond
     expected = "supported" if beyond else "not supported" if short else "inconclusive"
-    assert c.verdict == expected
+    assert c.verdict == (expected if len(xs) >= MIN_SEEDS else "inconclusive")
     assert c.n == len(xs) and list(c.values) == [float(v) for v in xs]
 
 
@@ -54,6 +61,14 @@ def test_more_seeds_narrow_the_interval_until_it_decides():
     pattern = [0.01, 0.05, 0.09]
     assert check("d", pattern, 0.02, "above").verdict == "inconclusive"
     assert check("d", pattern * 4, 0.02, "above").verdict == "supported"
+
+
+def test_two_seeds_never_decide():
+    """Two seeds with the same paired value (a coincidence discrete accuracies make likely)
+    give a zero-width interval: no evidence, so inconclusive."""
+    assert MIN_SEEDS == 3
+    assert check("d", [0.828, 0.828], 0.05, "above").verdict == "inconclusive"
+    assert check("d", [0.828, 0.828, 0.828], 0.05, "above").verdict == "supported"
 
 
 def test_all_of_needs_every_check():

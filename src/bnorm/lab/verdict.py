@@ -18,7 +18,10 @@ claim needs the quantity to exceed the margin, "below" to stay under it. Its ver
 
 - ``supported`` when the whole interval lies on the claim's side of the margin,
 - ``not supported`` when the whole interval lies on the other side,
-- ``inconclusive`` when the interval contains the margin: these seeds cannot decide.
+- ``inconclusive`` when the interval contains the margin: these seeds cannot decide — and
+  always with fewer than :data:`MIN_SEEDS` seeds: accuracies and step counts are discrete, so
+  two seeds often give the same paired value by coincidence, and a zero-width interval from
+  two values is no evidence.
 
 :func:`all_of` combines the checks of a claim that needs every one of them (supported when all
 are; not supported as soon as one clearly fails; inconclusive otherwise).
@@ -35,6 +38,7 @@ Verdict = Literal["supported", "not supported", "inconclusive"]
 VERDICTS: tuple[Verdict, ...] = ("supported", "not supported", "inconclusive")
 Side = Literal["above", "below"]
 LEVEL = 0.95
+MIN_SEEDS = 3  # a check decides only from at least this many seeds
 
 
 def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
@@ -120,6 +124,8 @@ def check(
     claim_side, other_side = (low > margin, high < margin)
     if side == "below":
         claim_side, other_side = other_side, claim_side
+    if len(vals) < MIN_SEEDS:
+        claim_side = other_side = False
     verdict: Verdict = (
         "supported" if claim_side else "not supported" if other_side else "inconclusive"
     )
