@@ -164,6 +164,9 @@ def _stability(args: argparse.Namespace) -> int:
     try:
         _check_names(args.names)
         _check_positive(args.threads, "--threads")
+        _check_positive(args.seeds, "--seeds", 2)
+        if args.budget is not None and not (0 < args.budget < float("inf")):
+            raise LabUsageError(f"--budget: {args.budget} is not allowed; give minutes > 0")
         out = _check_out(args.out)
         if args.docs is not None:
             _check_out(str(Path(args.docs).parent), "--docs")
@@ -177,7 +180,14 @@ def _stability(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     text = run_stability(
-        args.names, quick=args.quick, out=out, progress=not args.no_progress, threads=args.threads
+        args.names,
+        quick=args.quick,
+        out=out,
+        progress=not args.no_progress,
+        threads=args.threads,
+        seeds=args.seeds,
+        budget=None if args.budget is None else args.budget * 60,
+        table_only=args.table_only,
     )
     if args.docs is not None:
         write_text_atomic(Path(args.docs), text)
@@ -265,6 +275,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     stab.add_argument("--quick", action="store_true", help="two quick runs instead of full ones")
     stab.add_argument("--out", default="bnorm-out/lab-stability", help="output directory")
+    stab.add_argument(
+        "--seeds", type=_integer, default=None, help="seeds to start with (≥ 2; default: each own)"
+    )
+    stab.add_argument(
+        "--budget", type=_number, default=None, help="minutes per run after which no seed is added"
+    )
+    stab.add_argument(
+        "--table-only",
+        action="store_true",
+        help="train nothing: the table from OUT/seeds-0 and OUT/seeds-1000 as they are",
+    )
     stab.add_argument("--docs", default=None, help="also write the Markdown table to this file")
     stab.add_argument("--no-progress", action="store_true", help="no progress bar")
     stab.add_argument("--threads", type=_integer, default=1, help="torch threads (default 1)")

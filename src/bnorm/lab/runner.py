@@ -443,18 +443,36 @@ def run_stability(
     progress: bool = True,
     threads: int | None = 1,
     budget: float | None = None,
+    seeds: int | None = None,
+    table_only: bool = False,
 ) -> str:
     """Run the lab (``names``, default all) twice with disjoint seed sets; write and return a
     Markdown table.
 
     The runs go to ``out/seeds-<first>`` (each resumable, each with its report); the table
     (``out/stability.md``) lists per claim both verdicts, their checks' intervals and seeds,
-    and flags a claim "supported" in one run and "not supported" in the other.
+    and flags a claim "supported" in one run and "not supported" in the other. ``table_only``
+    trains nothing: it reads the two runs' summaries as they are (e.g. after running them as
+    two ``bnorm lab run --first-seed`` processes side by side).
     """
     out = Path(out)
     runs = []
     for first in first_seeds:
         t0 = time.time()
+        if table_only:
+            run_out = out / f"seeds-{first}"
+            wanted = {e.name for e in select(names)}
+            records = [
+                r
+                for r in (
+                    read_json(run_out / e.name / "summary.json")
+                    for e in all_experiments()
+                    if e.name in wanted and (run_out / e.name / "summary.json").exists()
+                )
+            ]
+            manifest = read_json(run_out / "lab.json")
+            runs.append((first, records, float(manifest.get("seconds", 0.0))))
+            continue
         records = run_lab(
             names,
             quick=quick,
@@ -463,6 +481,7 @@ def run_stability(
             progress=progress,
             threads=threads,
             budget=budget,
+            seeds=seeds,
         )
         runs.append((first, records, time.time() - t0))
     text = stability_table(runs, quick)
