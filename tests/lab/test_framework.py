@@ -174,6 +174,7 @@ def test_report_shows_checks_seeds_and_how_to_read(fake_registry, tmp_path):
     assert claims.count("<tr>") == 3  # header + two experiments
     assert 'href="#fake"' in claims and 'href="#fake2"' in claims
     assert "How to read this" in html and "inconclusive" in html
+    assert "claim needs &gt; -100.000" in html  # the margin, escaped
     assert "Fake &lt;claim&gt; &amp; quote" in html  # escaped
     assert "`" not in html.split("<script>")[0] + html.split("</script>")[1]  # rendered
     assert "<code>5</code>" in html  # the headline's backticks became code
@@ -382,6 +383,10 @@ def test_stability_table_flags_a_flip(fake_registry, tmp_path, monkeypatch):
     assert "0–2" in rows["fake"] and "1000–1002" in rows["fake"]
     assert (tmp_path / "stability.md").read_text() == text
     assert "1 of 2" in text
+    CALLS.clear()
+    again = runner.run_stability(quick=True, out=tmp_path, table_only=True)
+    assert CALLS == []  # the table alone trains nothing
+    assert [r for r in again.splitlines() if r.startswith("| fake")] == list(rows.values())
 
 
 def test_spread_counts_missing_runs():

@@ -65,7 +65,7 @@ def _checks(checks: list[JSON]) -> str:
         margin = c.get("fmt", "{:+.3f}").format(c["margin"])
         items.append(
             f"<li>{_e(c['label'])}: <b>{_e(interval_text_json(c))}</b> "
-            f"(claim needs {sign} {_e(margin)}; {len(c['values'])} seeds) → "
+            f"(claim needs {_e(sign)} {_e(margin)}; {len(c['values'])} seeds) → "
             f"{_verdict(c['verdict'])}</li>"
         )
     return f"<ul class='checks'>{''.join(items)}</ul>"
@@ -108,7 +108,8 @@ _HOW_TO_READ = (
     "of accuracy). A check is <b>supported</b> when its whole interval lies beyond the margin, "
     "<b>not supported</b> when its whole interval lies on the other side, and "
     "<b>inconclusive</b> when the interval contains the margin — these seeds cannot tell, "
-    "and more seeds, not a different reading, would decide. A claim with several checks is "
+    "and more seeds, not a different reading, would decide. Fewer than three seeds never "
+    "decide (two seeds can agree by coincidence and give a zero-width interval). A claim with several checks is "
     "supported when all are, not supported when any is not. An inconclusive experiment gets "
     "more seeds, up to its stated maximum and the run's time budget. Tables below give "
     "medians over seeds with [min–max].</p></div>"
