@@ -484,7 +484,7 @@ def run_stability(
             seeds=seeds,
         )
         runs.append((first, records, time.time() - t0))
-    text = stability_table(runs, quick)
+    text = stability_table(runs, quick, names)
     write_text_atomic(out / "stability.md", text)
     return text
 
@@ -496,17 +496,27 @@ def _seeds_text(seeds: Sequence[int]) -> str:
     return ", ".join(map(str, seeds))
 
 
-def stability_table(runs: Sequence[tuple[int, Sequence[JSON], float]], quick: bool) -> str:
+def stability_table(
+    runs: Sequence[tuple[int, Sequence[JSON], float]],
+    quick: bool,
+    names: Sequence[str] = ("all",),
+) -> str:
     """The Markdown page of :func:`run_stability` from its two runs' summary records."""
     from .verdict import interval_text_json
 
     (fa, ra, ta), (fb, rb, tb) = runs
     by_b = {r["name"]: r for r in rb}
+    which = (
+        "every experiment of the lab"
+        if "all" in names
+        else "the experiments " + ", ".join(f"`{r['name']}`" for r in ra)
+    )
     lines = [
         "# Lab stability: two runs with disjoint seeds",
         "",
-        f"`bnorm lab stability{' --quick' if quick else ''}` ran every experiment of the lab "
-        f"twice, from seeds {fa}… and from seeds {fb}…, on {machine_kind()} (run A "
+        f"`bnorm lab stability{' --quick' if quick else ''}` ran {which} "
+        f"twice ({'quick' if quick else 'full'} configs), from seeds {fa}… and from seeds {fb}…, "
+        f"on {machine_kind()} (run A "
         f"{ta / 60:.1f} min, run B {tb / 60:.1f} min; other processes shared the machine). "
         "Each check is the mean of per-seed paired values with its 95% t-interval; a verdict "
         "is *supported* or *not supported* only when every interval clears the rule's margin, "
