@@ -109,10 +109,10 @@ _HOW_TO_READ = (
     "<b>not supported</b> when its whole interval lies on the other side, and "
     "<b>inconclusive</b> when the interval contains the margin — these seeds cannot tell, "
     "and more seeds, not a different reading, would decide. Fewer than three seeds never "
-    "decide (two seeds can agree by coincidence and give a zero-width interval). A claim with several checks is "
-    "supported when all are, not supported when any is not. An inconclusive experiment gets "
-    "more seeds, up to its stated maximum and the run's time budget. Tables below give "
-    "medians over seeds with [min–max].</p></div>"
+    "decide (two seeds can agree by coincidence and give a zero-width interval). A claim "
+    "with several checks is supported when all are, not supported when any is not. An "
+    "inconclusive experiment gets more seeds, up to its stated maximum and the run's time "
+    "budget. Tables below give medians over seeds with [min–max].</p></div>"
 )
 
 
