@@ -316,7 +316,7 @@ def _error_line(capsys) -> str:
     ("argv", "expected"),
     [
         (["lab", "run", "nosuch", "--quick"], "NAME: no experiment 'nosuch'; choose from fake"),
-        (["lab", "run", "all", "--seeds", "1"], "--seeds: 1 is not allowed"),
+        (["lab", "run", "all", "--seeds", "0"], "--seeds: 0 is not allowed"),
         (["lab", "run", "all", "--seeds", "x"], "--seeds: 'x' is not an integer"),
         (["lab", "run", "all", "--threads", "0"], "--threads: 0 is not allowed"),
         (["lab", "run", "all", "--budget", "nan"], "--budget: nan is not allowed"),

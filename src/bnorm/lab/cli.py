@@ -66,9 +66,8 @@ def _check_positive(value: int | None, option: str, least: int = 1) -> None:
 
 
 def _check_run_options(args: argparse.Namespace) -> None:
-    # Two seeds at least: an interval over the seeds needs a spread.
-    _check_positive(args.seeds, "--seeds", 2)
-    _check_positive(args.max_seeds, "--max-seeds", 2)
+    _check_positive(args.seeds, "--seeds")
+    _check_positive(args.max_seeds, "--max-seeds")
     if args.seeds is not None and args.max_seeds is not None and args.max_seeds < args.seeds:
         raise LabUsageError(
             f"--max-seeds: {args.max_seeds} is below --seeds {args.seeds}; give at least that"
@@ -164,7 +163,7 @@ def _stability(args: argparse.Namespace) -> int:
     try:
         _check_names(args.names)
         _check_positive(args.threads, "--threads")
-        _check_positive(args.seeds, "--seeds", 2)
+        _check_positive(args.seeds, "--seeds")
         if args.budget is not None and not (0 < args.budget < float("inf")):
             raise LabUsageError(f"--budget: {args.budget} is not allowed; give minutes > 0")
         out = _check_out(args.out)
@@ -235,7 +234,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--quick", action="store_true", help="CI-sized runs (within 2 minutes for all)"
     )
     run.add_argument(
-        "--seeds", type=_integer, default=None, help="seeds to start with (≥ 2; default: each own)"
+        "--seeds",
+        type=_integer,
+        default=None,
+        help="seeds to start with (default: each own; fewer than 3 never decide)",
     )
     run.add_argument(
         "--max-seeds",
@@ -276,7 +278,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     stab.add_argument("--quick", action="store_true", help="two quick runs instead of full ones")
     stab.add_argument("--out", default="bnorm-out/lab-stability", help="output directory")
     stab.add_argument(
-        "--seeds", type=_integer, default=None, help="seeds to start with (≥ 2; default: each own)"
+        "--seeds",
+        type=_integer,
+        default=None,
+        help="seeds to start with (default: each own; fewer than 3 never decide)",
     )
     stab.add_argument(
         "--budget", type=_number, default=None, help="minutes per run after which no seed is added"
