@@ -43,7 +43,7 @@ def test_lab_command_under_torchrun_writes_once_and_resumes(tmp_path):
     """`torchrun --nproc-per-node 2 -m bnorm lab run ...`: rank 0 alone writes and prints, the
     numbers match a one-process run, and a second run resumes (every rank skips the seed)."""
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo")
-    args = ["lab", "run", "sigmoid", "--quick", "--seeds", "1", "--no-progress"]
+    args = ["lab", "run", "sigmoid", "--quick", "--seeds", "1", "--max-seeds", "1", "--no-progress"]
     parallel, alone = tmp_path / "parallel", tmp_path / "alone"
     command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "bnorm", *args]
     done = subprocess.run(

@@ -33,6 +33,10 @@ def test_quick_run_writes_every_experiment(quick_run):
         summary = json.loads((quick_run / name / "summary.json").read_text())
         assert summary["verdict"] in VERDICTS
         assert summary["quick"] is True and summary["seeds"] >= 2
+        assert summary["seeds"] <= summary["max_seeds"]
+        assert summary["checks"], f"{name} decided from no check"
+        for check in summary["checks"]:
+            assert len(check["values"]) == summary["seeds"]
         assert summary["headline"] and summary["rule"] and summary["claim"]
         assert summary["plots"], f"{name} made no plot"
         for plot in summary["plots"]:
@@ -44,14 +48,32 @@ def test_report_has_ten_claims_and_every_plot(quick_run):
     claims = html.split('<table id="claims">')[1].split("</table>")[0]
     rows = claims.split("<tr>")[2:]  # after the header row
     assert len(rows) == 10
-    verdicts = re.findall(r'<span class="verdict [a-z-]+">([a-z ]+)</span>', claims)
-    assert len(verdicts) == 10 and set(verdicts) <= set(VERDICTS)
+    for row in rows:
+        verdict = re.search(r'<td><span class="verdict [a-z-]+">([a-z ]+)</span></td>', row)
+        assert verdict and verdict.group(1) in VERDICTS
     plots = sum(
         len(json.loads((quick_run / e.name / "summary.json").read_text())["plots"])
         for e in all_experiments()
     )
     assert html.count('<img alt="') == plots
     assert html.count('src="data:image/png;base64,') == plots
+
+
+def test_report_numbers_read_back_from_its_json(quick_run):
+    """The claims table shows each experiment's verdict and every check's interval exactly as
+    its summary.json gives them, and links to its section."""
+    from bnorm.lab.verdict import interval_text_json
+
+    html = (quick_run / "report.html").read_text()
+    claims = html.split('<table id="claims">')[1].split("</table>")[0]
+    rows = claims.split("<tr>")[2:]
+    for e, row in zip(all_experiments(), rows, strict=True):
+        summary = json.loads((quick_run / e.name / "summary.json").read_text())
+        assert f'href="#{e.name}"' in row
+        assert f'<span class="verdict {summary["verdict"].replace(" ", "-")}">' in row
+        for check in summary["checks"]:
+            assert html.count(interval_text_json(check)) >= 2  # table and section agree
+            assert interval_text_json(check) in row
 
 
 def _chromium() -> str | None:

@@ -1,5 +1,6 @@
-"""Each experiment's verdict rule on synthetic numbers: every verdict is reachable, and the
-boundaries sit where the rule's text says."""
+"""Each experiment's verdict rule on synthetic per-seed numbers: a clear win is "supported", a
+clear loss "not supported", values whose interval straddles the margin "inconclusive"; and the
+margins sit where the rule's text says."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 
 from bnorm.lab.experiments import (
+    article,
     batch_size,
     cost,
     init,
@@ -18,113 +20,103 @@ from bnorm.lab.experiments import (
     sigmoid,
     train_vs_inference,
 )
+from bnorm.lab.verdict import VERDICTS
+
+# Per rule: extra numbers it reads, and per paired key the margin and side its text states.
+RULES = {
+    "article": (
+        article,
+        {},
+        {
+            "BN after ReLU / no BN epochs": (0.75, "below"),
+            "BN before ReLU / no BN epochs": (0.75, "below"),
+        },
+    ),
+    "ioffe-fig1": (
+        ioffe_fig1,
+        {},
+        {"steps_ratio": (0.5, "below"), "drift_difference": (0.0, "below")},
+    ),
+    "learning-rate": (
+        learning_rate,
+        {"top_multiplier": 30},
+        {"top_rate_acc_difference": (0.05, "above"), "fewest_steps_ratio": (1.0, "below")},
+    ),
+    "init": (init, {}, {"range_difference": (-0.05, "below")}),
+    "regularization": (regularization, {}, {"gap_difference": (-0.01, "below")}),
+    "sigmoid": (sigmoid, {"deepest": 8}, {"deepest_acc_difference": (0.05, "above")}),
+    "batch-size": (batch_size, {"small": 2, "large": 128}, {"gap_change": (-0.05, "below")}),
+    "rnn": (
+        rnn,
+        {},
+        {"careful_minus_lstm": (0.02, "above"), "careful_minus_naive": (0.02, "above")},
+    ),
+    "train-vs-inference": (train_vs_inference, {}, {"gap": (0.05, "above")}),
+    "cost": (cost, {}, {"bn_over_plain": (1.05, "above")}),
+}
+NOISE = (0.0, 0.004, -0.004, 0.002, -0.002)
 
 
-def test_ioffe_fig1():
-    def n(ratio, bn_drift, plain_drift):
-        return {
-            "steps_ratio": ratio,
-            "variants": {"BN": {"median_drift": bn_drift}, "no BN": {"median_drift": plain_drift}},
+def _side(margin: float, side: str, win: bool, distance: float = 0.2) -> list[float]:
+    """Five per-seed values ``distance`` beyond (win) or short of (loss) the margin."""
+    sign = (1 if side == "above" else -1) * (1 if win else -1)
+    return [margin + sign * distance + e for e in NOISE]
+
+
+def _straddle(margin: float) -> list[float]:
+    return [margin + e for e in (-0.3, 0.3, -0.1, 0.1, 0.05)]
+
+
+def _numbers(extra: dict, per_seed: dict) -> dict:
+    return {**extra, "per_seed": per_seed}
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_clear_win_is_supported(name):
+    module, extra, keys = RULES[name]
+    d = module.decide(_numbers(extra, {k: _side(m, s, True) for k, (m, s) in keys.items()}))
+    assert d.verdict == "supported"
+    assert [c.verdict for c in d.checks] == ["supported"] * len(keys)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_clear_loss_is_not_supported(name):
+    module, extra, keys = RULES[name]
+    # Only the first check fails clearly; a claim needing every check is then not supported.
+    per_seed = {k: _side(m, s, i > 0) for i, (k, (m, s)) in enumerate(keys.items())}
+    assert module.decide(_numbers(extra, per_seed)).verdict == "not supported"
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_interval_straddling_the_margin_is_inconclusive(name):
+    module, extra, keys = RULES[name]
+    # Only the first check straddles; the others win: the claim cannot be decided.
+    per_seed = {
+        k: _straddle(m) if i == 0 else _side(m, s, True)
+        for i, (k, (m, s)) in enumerate(keys.items())
+    }
+    d = module.decide(_numbers(extra, per_seed))
+    assert d.verdict == "inconclusive"
+    first = d.checks[0]
+    assert first.low < first.margin < first.high  # the interval shown contains the margin
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_margin_is_where_the_rule_says(name):
+    """Identical values just beyond the margin decide one way, just short of it the other."""
+    module, extra, keys = RULES[name]
+    for win, verdict in ((True, "supported"), (False, "not supported")):
+        per_seed = {
+            k: [m + (1 if (s == "above") == win else -1) * 1e-3] * 3 for k, (m, s) in keys.items()
         }
-
-    assert ioffe_fig1.decide(n(0.5, 0.1, 1.0)) == "supported"
-    assert ioffe_fig1.decide(n(0.51, 0.1, 1.0)) == "mixed"
-    assert ioffe_fig1.decide(n(0.2, 1.0, 1.0)) == "mixed"
-    assert ioffe_fig1.decide(n(0.9, 2.0, 1.0)) == "not supported"
+        assert module.decide(_numbers(extra, per_seed)).verdict == verdict
 
 
-def test_learning_rate():
-    def n(bn_mult, plain_mult, bn_steps, plain_steps):
-        return {
-            "BN": {"max_usable_multiplier": bn_mult, "best_median_steps": bn_steps},
-            "no BN": {"max_usable_multiplier": plain_mult, "best_median_steps": plain_steps},
-        }
-
-    assert learning_rate.decide(n(30, 5, 50, 100)) == "supported"
-    assert learning_rate.decide(n(30, 5, 100, 100)) == "mixed"
-    assert learning_rate.decide(n(5, 5, 50, 100)) == "mixed"
-    assert learning_rate.decide(n(5, 30, 100, 50)) == "not supported"
-
-
-def test_init():
-    def n(bn_range, bn_worst, plain_range, plain_worst):
-        return {
-            "BN": {"range": bn_range, "worst": bn_worst},
-            "no BN": {"range": plain_range, "worst": plain_worst},
-        }
-
-    assert init.decide(n(0.1, 0.85, 0.2, 0.75)) == "supported"
-    assert init.decide(n(0.1, 0.70, 0.2, 0.75)) == "mixed"  # narrower but worse at its worst
-    assert init.decide(n(0.15, 0.85, 0.2, 0.75)) == "mixed"
-    assert init.decide(n(0.2, 0.85, 0.2, 0.75)) == "not supported"
-
-
-def test_regularization():
-    def n(bn_gap, bn_test, plain_gap, plain_test):
-        return {
-            "BN": {"median_gap": bn_gap, "median_test_acc": bn_test},
-            "plain": {"median_gap": plain_gap, "median_test_acc": plain_test},
-        }
-
-    assert regularization.decide(n(0.07, 0.91, 0.09, 0.90)) == "supported"
-    assert regularization.decide(n(0.085, 0.91, 0.09, 0.90)) == "mixed"
-    assert regularization.decide(n(0.05, 0.89, 0.09, 0.90)) == "mixed"
-    assert regularization.decide(n(0.09, 0.95, 0.09, 0.90)) == "not supported"
-
-
-def test_sigmoid():
-    def n(bn, plain, depths=(3, 4, 6, 8)):
-        return {
-            "depths": list(depths),
-            "BN": {"trainable_depths": bn},
-            "no BN": {"trainable_depths": plain},
-        }
-
-    assert sigmoid.decide(n([3, 4, 6, 8], [3])) == "supported"
-    assert sigmoid.decide(n([3, 4, 6], [3])) == "mixed"
-    assert sigmoid.decide(n([3, 4, 6, 8], [3, 8])) == "mixed"  # no BN also trains the deepest
-    assert sigmoid.decide(n([3, 4], [3, 4])) == "not supported"
-
-
-def test_batch_size():
-    def n(gap_small, gap_large):
-        return {"small": 2, "large": 128, "bn_minus_gn": {"2": gap_small, "128": gap_large}}
-
-    assert batch_size.decide(n(0.05, 0.10)) == "supported"
-    assert batch_size.decide(n(0.06, 0.10)) == "mixed"
-    assert batch_size.decide(n(0.10, 0.10)) == "not supported"
-
-
-def test_rnn():
-    def n(lstm, g01, g10):
-        return {
-            "LSTM": {"median_final_test_acc": lstm},
-            "BN-LSTM γ=0.1": {"median_final_test_acc": g01},
-            "BN-LSTM γ=1.0": {"median_final_test_acc": g10},
-            "LN-LSTM": {"median_final_test_acc": 0.5},
-        }
-
-    assert rnn.decide(n(0.50, 0.60, 0.55)) == "supported"
-    assert rnn.decide(n(0.50, 0.60, 0.59)) == "not supported"  # γ does not matter, BN helps
-    # the care backfires: BN dropped in as is (γ = 1.0) is the best of the three
-    assert rnn.decide(n(0.50, 0.52, 0.68)) == "not supported"
-    assert rnn.decide(n(0.50, 0.51, 0.45)) == "mixed"  # γ matters, BN barely helps
-    assert rnn.decide(n(0.50, 0.50, 0.50)) == "mixed"
-
-
-def test_train_vs_inference():
-    def n(gap):
-        return {"2 classes per batch": {"gap": gap}}
-
-    assert train_vs_inference.decide(n(0.05)) == "supported"
-    assert train_vs_inference.decide(n(0.02)) == "mixed"
-    assert train_vs_inference.decide(n(0.0)) == "not supported"
-
-
-def test_cost():
-    assert cost.decide({"bn_over_plain": 1.05}) == "supported"
-    assert cost.decide({"bn_over_plain": 1.02}) == "mixed"
-    assert cost.decide({"bn_over_plain": 0.98}) == "not supported"
+def test_rule_texts_name_the_interval_and_inconclusive():
+    for module, _, _ in RULES.values():
+        rule = module.EXPERIMENT.rule
+        assert "95%" in rule and "inconclusive" in rule, module.__name__
+        assert "mixed" not in rule
 
 
 def _without_timings(value):
@@ -151,6 +143,18 @@ def test_tiny_runs_are_json_and_deterministic(module, tiny, tmp_path):
     if module is not cost:  # timings differ run to run; everything else must not
         assert _without_timings(module.run(0, cfg)) == _without_timings(first)
     summary = module.summarize([first, module.run(1, cfg)], cfg)
-    assert module.decide(summary.numbers) in ("supported", "not supported", "mixed")
+    for values in summary.numbers["per_seed"].values():
+        assert len(values) == 2  # one paired value per seed
+    assert module.decide(summary.numbers).verdict in VERDICTS
     for name in module.plot([first], cfg, tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_learning_rate_counts_chance_accuracy_as_failed():
+    """A run that ends at chance accuracy with a finite loss counts as failed, like a
+    non-finite loss (the rule's definition of "failed")."""
+    run = {"final_test_acc": 0.098, "diverged": False}
+    assert learning_rate.failed(run)
+    assert learning_rate.failed({"final_test_acc": None, "diverged": True})
+    assert not learning_rate.failed({"final_test_acc": 0.9, "diverged": False})
+    assert learning_rate.final_accuracy({"final_test_acc": None, "diverged": True}) == 0.1

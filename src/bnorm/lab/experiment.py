@@ -6,7 +6,9 @@ results are JSON, written atomically so an interrupted run resumes), then
 :attr:`Experiment.summarize` over all seeds, then :attr:`Experiment.decide` on the summary's
 numbers. The verdict is therefore always computed from the numbers of *this* run by a rule
 written next to the experiment (and printed in the report as :attr:`Experiment.rule`); nothing
-is decided by hand.
+is decided by hand. Rules compare paired-by-seed numbers with a 95% interval
+(:mod:`bnorm.lab.verdict`); when the interval straddles the rule's margin the verdict is
+"inconclusive", and the runner may add seeds (up to :attr:`Experiment.max_seeds`) to decide.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Verdict = Literal["supported", "not supported", "mixed"]
-VERDICTS: tuple[Verdict, ...] = ("supported", "not supported", "mixed")
+from .verdict import VERDICTS as VERDICTS
+from .verdict import Check as Check
+from .verdict import Decision as Decision
+from .verdict import Verdict as Verdict
+from .verdict import all_of as all_of
+from .verdict import check as check
 
 JSON = dict[str, Any]
 
@@ -27,14 +33,18 @@ JSON = dict[str, Any]
 class Summary:
     """What the report shows of an experiment.
 
-    ``numbers`` are the key numbers the rule looks at (JSON); ``headline`` is the one-line
-    summary of them for the claims table; ``rows`` is a small table (a list of dicts with the
-    same keys, in column order) for the experiment's section.
+    ``numbers`` are the key numbers the rule looks at (JSON), including the per-seed paired
+    values it decides from; ``headline`` is the one-line summary of the numbers that are not
+    judged (the judged ones are shown from the decision's checks, so each is printed once);
+    ``rows`` is a small table (a list of dicts with the same keys, in column order) for the
+    experiment's section; ``notes`` are paragraphs of text under it (plain text; spans in
+    backticks are shown as code).
     """
 
     numbers: JSON
     headline: str
     rows: list[JSON] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -50,9 +60,12 @@ class Experiment:
         config: ``config(quick) -> dict`` of JSON-able settings; ``quick`` is the CI-sized run.
         run: ``run(seed, config) -> dict`` one seed's results (JSON-able, no NaN: use None).
         summarize: ``summarize(results, config) -> Summary`` over all seeds' results.
-        decide: ``decide(summary.numbers) -> Verdict``.
+        decide: ``decide(summary.numbers) -> Decision`` (the verdict and its checks).
         plot: ``plot(results, config, directory) -> [file names]`` writes PNG files.
-        seeds: default number of seeds as ``(quick, full)``.
+        seeds: number of seeds to start with, as ``(quick, full)``.
+        max_seeds: at most this many seeds, as ``(quick, full)``: while the verdict is
+            inconclusive the runner adds one seed at a time, until the maximum or the run's
+            time budget is reached.
     """
 
     name: str
@@ -63,9 +76,10 @@ class Experiment:
     config: Callable[[bool], JSON]
     run: Callable[[int, JSON], JSON]
     summarize: Callable[[Sequence[JSON], JSON], Summary]
-    decide: Callable[[Mapping[str, Any]], Verdict]
+    decide: Callable[[Mapping[str, Any]], Decision]
     plot: Callable[[Sequence[JSON], JSON, Path], list[str]]
     seeds: tuple[int, int] = (2, 5)
+    max_seeds: tuple[int, int] = (3, 10)
 
 
 # Small statistics helpers shared by the experiments: median and spread over seeds.
@@ -75,6 +89,11 @@ def median(values: Sequence[float | None]) -> float | None:
     """Median of the finite values, None when there are none."""
     kept = [float(v) for v in values if v is not None and v == v]
     return statistics.median(kept) if kept else None
+
+
+def paired(results: Sequence[JSON], value: Callable[[JSON], float]) -> list[float]:
+    """``value(result)`` for each seed's result: one paired number per seed, in seed order."""
+    return [float(value(r)) for r in results]
 
 
 def spread(values: Sequence[float | None], fmt: str = "{:.3f}") -> str:

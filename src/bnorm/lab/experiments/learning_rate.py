@@ -13,13 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from ..data import mnist5k
-from ..experiment import JSON, Experiment, Summary, Verdict, median, spread
+from ..experiment import JSON, Decision, Experiment, Summary, all_of, check, median, spread
 from ..models import censored, mlp, seeded, train
 from ..plots import band_plot
 
 MULTIPLIERS = (1, 5, 30)
 VARIANTS = {"no BN": False, "BN": True}
-USABLE = 0.02  # a rate is usable when its median final accuracy is within 2 points of target
+HIGHER = 0.05  # BN's accuracy at the highest rate beats no BN's by five points
+CHANCE = 0.1  # ten classes
+FAILED = CHANCE + 0.05  # a run "failed": non-finite loss, or final accuracy this close to chance
+
+
+def failed(run: Mapping[str, Any]) -> bool:
+    """A run failed when its loss became non-finite or it ended at (near) chance accuracy."""
+    acc = run["final_test_acc"]
+    return bool(run["diverged"]) or acc is None or acc <= FAILED
+
+
+def final_accuracy(run: Mapping[str, Any]) -> float:
+    """The final test accuracy, chance for a run whose loss became non-finite."""
+    acc = run["final_test_acc"]
+    return CHANCE if run["diverged"] or acc is None else float(acc)
 
 
 def config(quick: bool) -> JSON:
@@ -71,7 +85,7 @@ def summarize(results: Sequence[JSON], cfg: JSON) -> Summary:
                 "multiplier": mult,
                 "median_steps": median([censored(f, steps) for f in firsts]),
                 "median_final_test_acc": median(finals),
-                "diverged": sum(bool(r[key]["diverged"]) for r in results),
+                "failed": sum(failed(r[key]) for r in results),
             }
             rows.append(
                 {
@@ -79,41 +93,58 @@ def summarize(results: Sequence[JSON], cfg: JSON) -> Summary:
                     "lr": cfg["base_lr"] * mult,
                     "steps to the baseline's best": spread(firsts, "{:.0f}"),
                     "final test acc": spread(finals),
-                    "diverged": f"{runs[key]['diverged']} of {len(results)}",
+                    "failed (non-finite loss or ≤ 15% acc)": f"{runs[key]['failed']} of "
+                    f"{len(results)}",
                 }
             )
     target = median([r["no BN ×1"]["target"] for r in results])
-    numbers: JSON = {"target": target, "steps": steps, "runs": runs}
-    for variant in VARIANTS:
-        usable = [
-            v
-            for v in runs.values()
-            if v["variant"] == variant
-            and v["diverged"] == 0
-            and v["median_final_test_acc"] >= target - USABLE
-        ]
-        numbers[variant] = {
-            "max_usable_multiplier": max((v["multiplier"] for v in usable), default=0),
-            "best_median_steps": min((v["median_steps"] for v in usable), default=steps + 1),
-        }
+    top = max(cfg["multipliers"])
+
+    def fewest_steps(r: JSON, variant: str) -> int:
+        return min(censored(r[f"{variant} ×{m}"]["first_step"], steps) for m in cfg["multipliers"])
+
+    numbers: JSON = {
+        "target": target,
+        "steps": steps,
+        "top_multiplier": top,
+        "runs": runs,
+        # Paired by seed: same initial weights and batches for both arms at every rate.
+        "per_seed": {
+            "top_rate_acc_difference": [
+                final_accuracy(r[f"BN ×{top}"]) - final_accuracy(r[f"no BN ×{top}"])
+                for r in results
+            ],
+            "fewest_steps_ratio": [
+                fewest_steps(r, "BN") / fewest_steps(r, "no BN") for r in results
+            ],
+        },
+    }
+    bn_top, plain_top = runs[f"BN ×{top}"], runs[f"no BN ×{top}"]
     headline = (
-        f"largest usable lr multiplier: BN ×{numbers['BN']['max_usable_multiplier']} vs no BN "
-        f"×{numbers['no BN']['max_usable_multiplier']}; fewest steps to the baseline's best "
-        f"({target:.3f}): BN {numbers['BN']['best_median_steps']:.0f} vs no BN "
-        f"{numbers['no BN']['best_median_steps']:.0f}; diverged (no BN ×30): "
-        f"{runs['no BN ×30']['diverged']} of {len(results)}"
+        f"final test acc at lr ×{top} (median): BN {bn_top['median_final_test_acc']:.3f}"
+        f" vs no BN {plain_top['median_final_test_acc']:.3f}; failed runs at ×{top}: "
+        f"BN {bn_top['failed']} of {len(results)}, no BN {plain_top['failed']} of {len(results)}"
     )
     return Summary(numbers, headline, rows)
 
 
-def decide(numbers: Mapping[str, Any]) -> Verdict:
-    higher = numbers["BN"]["max_usable_multiplier"] > numbers["no BN"]["max_usable_multiplier"]
-    faster = numbers["BN"]["best_median_steps"] < numbers["no BN"]["best_median_steps"]
-    if higher and faster:
-        return "supported"
-    if not higher and not faster:
-        return "not supported"
-    return "mixed"
+def decide(numbers: Mapping[str, Any]) -> Decision:
+    per_seed = numbers["per_seed"]
+    return all_of(
+        check(
+            f"final test acc at lr ×{numbers['top_multiplier']}, BN − no BN",
+            per_seed["top_rate_acc_difference"],
+            HIGHER,
+            "above",
+        ),
+        check(
+            "fewest steps to target over rates, BN / no BN",
+            per_seed["fewest_steps_ratio"],
+            1.0,
+            "below",
+            "{:.2f}",
+        ),
+    )
 
 
 def plot(results: Sequence[JSON], cfg: JSON, directory: Path) -> list[str]:
@@ -144,10 +175,12 @@ EXPERIMENT = Experiment(
         "of the no-BN ×1 run of the same seed."
     ),
     rule=(
-        "A rate is usable for a variant when no seed diverged and the median final test "
-        "accuracy is within 2 points of the target. higher = BN's largest usable multiplier > "
-        "no BN's; faster = BN's fewest median steps to the target over its usable rates < no "
-        "BN's. Supported if both; not supported if neither; mixed otherwise."
+        "Per seed: higher = BN's − no BN's final test accuracy at the highest rate (×30; a run "
+        "whose loss became non-finite counts as chance, 10%); faster = BN's / no BN's fewest "
+        "steps to the target over all rates (never = steps + 1). Supported if the 95% "
+        "intervals of the means lie above +0.05 (higher) and below 1.0 (faster); not supported "
+        "if either lies wholly on the other side; inconclusive otherwise. A run counts as "
+        "failed when its loss became non-finite or it ended at ≤ 15% test accuracy."
     ),
     config=config,
     run=run,
