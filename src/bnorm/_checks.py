@@ -177,16 +177,16 @@ def plainly_valid(
     Why: a layer's checks run at every call, and on small inputs the full checks would cost as
     much as the batch norm itself.
     """
-    if type(x) is not Tensor or x.dim() not in ranks:
+    if type(x) is not Tensor or x.dim() not in ranks or not x.is_cpu:
         return False
     if x.shape[1] != num_features or x.dtype not in _PLAIN_DTYPES:
         return False
-    dtype, device = x.dtype, x.device
+    dtype = x.dtype
     for t in tensors:
         if t is not None and (
             type(t) not in _PLAIN_TYPES
             or t.dtype != dtype
-            or t.device != device
+            or not t.is_cpu
             or t.numel() != num_features
         ):
             return False

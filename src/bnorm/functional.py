@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -136,9 +137,12 @@ def batch_norm_unchecked(
     eps: float,
     num_batches_tracked: Tensor | None = None,
     on_nonfinite: str = "warn",
-    layer: str = "batch_norm",
+    layer: str | Callable[[], str] = "batch_norm",
 ) -> Tensor:
     """The computation behind :func:`batch_norm` and bnorm's layers, once the input is checked.
+
+    ``layer`` names the caller in messages: a string, or a function that returns it (a layer
+    passes its name-maker, so that the name is formatted only when a message needs it).
 
     With ``use_batch_stats`` the batch's statistics normalize and the given running statistics
     (either may be ``None``) move towards them; ``momentum=None`` means the cumulative average
@@ -154,7 +158,7 @@ def batch_norm_unchecked(
     if use_batch_stats and momentum is None and running_mean is not None:
         if num_batches_tracked is None:
             raise ValueError(
-                f"{layer}: momentum=None (cumulative average) needs num_batches_tracked"
+                f"{_name(layer)}: momentum=None (cumulative average) needs num_batches_tracked"
             )
     if _composite_wanted(x, weight, bias):
         return _composite(
@@ -163,23 +167,34 @@ def batch_norm_unchecked(
         )  # fmt: skip
     if torch.jit.is_tracing():
         # one node in the trace, with the running statistics' update inside it
-        return _ops.batch_norm(
+        return _ops.batch_norm.default(
             x, weight, bias, running_mean, running_var, num_batches_tracked, use_batch_stats,
             momentum, eps,
         )  # fmt: skip
     if not use_batch_stats:
         assert running_mean is not None and running_var is not None
-        return _ops.batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
-    y, mean, var = _ops.batch_norm_train(x, weight, bias, eps)
+        return _ops.batch_norm_eval.default(x, weight, bias, running_mean, running_var, eps)
+    if running_mean is None and running_var is None:
+        return _ops.batch_norm_train.default(x, weight, bias, eps)[0]
+    if ops.EXTENSION:
+        # one call (statistics, output and update in C++); a skipped update is counted there
+        before = ops.nonfinite_skips()
+        y = _ops.batch_norm.default(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, True, momentum, eps
+        )
+        if ops.nonfinite_skips() != before:
+            _report_nonfinite(_name(layer), on_nonfinite, stacklevel=5)
+        return y
+    y, mean, var = _ops.batch_norm_train.default(x, weight, bias, eps)
     if running_mean is not None or running_var is not None:
         update_running_stats(
             running_mean, running_var, mean, var, _count(x), momentum, num_batches_tracked,
-            on_nonfinite, layer,
+            on_nonfinite, _name(layer),
         )  # fmt: skip
     return y
 
 
-_ops = torch.ops.bnorm
+_ops = torch.ops.bnorm  # (calls name the overload, .default: resolving it costs microseconds)
 
 
 def train_forward(
@@ -190,7 +205,11 @@ def train_forward(
     :func:`batch_norm_unchecked`'s: the operator, or the composite path where a tool needs it."""
     if _composite_wanted(x, weight, bias):
         return ops.composite_train(x, weight, bias, eps)
-    return _ops.batch_norm_train(x, weight, bias, eps)
+    return _ops.batch_norm_train.default(x, weight, bias, eps)
+
+
+def _name(layer: str | Callable[[], str]) -> str:
+    return layer() if callable(layer) else layer
 
 
 def _count(x: Tensor) -> int:
@@ -259,7 +278,7 @@ def update_running_stats(
     ):
         _report_nonfinite(layer, on_nonfinite, stacklevel=5)
         return
-    _ops.update_running_stats_(
+    _ops.update_running_stats_.default(
         running_mean, running_var, num_batches_tracked, mean, var, count, momentum
     )
 

@@ -369,8 +369,14 @@ def _define_composite_library() -> torch.library.Library:
 
 if EXTENSION:
     _register_fakes()
+    from ._C import nonfinite_skips as nonfinite_skips
 else:
     _LIBRARY = _define_composite_library()  # kept alive: the registrations last as long as it
+
+    def nonfinite_skips() -> int:
+        """The extension's count of skipped updates (the composite path does not count)."""
+        return 0
+
 
 _ops = torch.ops.bnorm
 
@@ -380,19 +386,19 @@ _ops = torch.ops.bnorm
 
 def statistics(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` (N, C, \\*): float64 (C,) tensors."""
-    return _ops.stats(x)
+    return _ops.stats.default(x)
 
 
 def transform(
     x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> Tensor:
     """``y = (x - mean) * invstd * weight + bias`` in x's dtype and layout."""
-    return _ops.transform(x, mean, invstd, weight, bias)
+    return _ops.transform.default(x, mean, invstd, weight, bias)
 
 
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum dy, sum dy * (x - mean))`` per channel, float64 (C,)."""
-    return _ops.backward_reduce(dy, x, mean)
+    return _ops.backward_reduce.default(dy, x, mean)
 
 
 def backward_elementwise(
@@ -409,7 +415,7 @@ def backward_elementwise(
     :func:`backward_reduce` (over ``count`` values per channel, all processes together):
     ``dx = a dy + b (x - mean) + c`` with ``a = weight * invstd``,
     ``b = -a invstd^2 sum_dy_xmu / count`` and ``c = -a sum_dy / count``."""
-    return _ops.backward_elemt(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
+    return _ops.backward_elemt.default(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
 
 
 def layer_names() -> Sequence[str]:

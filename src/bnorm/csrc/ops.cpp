@@ -24,6 +24,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -131,6 +134,72 @@ Vec invstd_of(const Vec& var, double eps) {
   return r;
 }
 
+// Updates skipped on this thread because the batch held NaN/Inf: bnorm.functional reads it
+// around a call to say so (bnorm._C.nonfinite_skips()), without reading the statistics.
+thread_local int64_t nonfinite_skips = 0;
+
+// ---- outputs ---------------------------------------------------------------------------------
+// Outputs of 32 MiB and more come from a small pool of blocks that earlier outputs gave back
+// when their tensors were freed (the tensor's deleter returns the block; no reference counts
+// are read). Why: the C library maps such sizes afresh at every allocation, so each call would
+// pay a page fault and the zeroing of every page of its output (for a 100 MB training step,
+// twice: more time than the batch norm's own passes). Smaller outputs come from torch's
+// allocator, whose memory the C library already reuses. The pool keeps at most kPoolBytes.
+constexpr size_t kPoolMin = size_t{1} << 20;
+constexpr size_t kPoolBytes = size_t{512} << 20;
+
+struct Pool {
+  std::mutex mutex;
+  std::multimap<size_t, void*> blocks;  // free blocks by size
+  size_t held = 0;
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      auto it = blocks.find(bytes);
+      if (it != blocks.end()) {
+        void* p = it->second;
+        blocks.erase(it);
+        held -= bytes;
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+    TORCH_CHECK(p != nullptr, "bnorm: out of memory allocating ", bytes, " bytes");
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (held + bytes > kPoolBytes) {  // full: give the smallest blocks back to the system
+      auto it = blocks.begin();
+      while (it != blocks.end() && held + bytes > kPoolBytes) {
+        held -= it->first;
+        std::free(it->second);
+        it = blocks.erase(it);
+      }
+    }
+    blocks.emplace(bytes, p);
+    held += bytes;
+  }
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: deleters may run during interpreter exit
+  return *p;
+}
+
+// An uninitialized tensor with like's sizes, strides and dtype.
+Tensor empty_output(const Tensor& like) {
+  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
+  const bool dense = like.is_non_overlapping_and_dense();
+  if (bytes < kPoolMin || !dense || !like.device().is_cpu()) return at::empty_like(like);
+  void* p = pool().take(bytes);
+  return at::from_blob(
+      p, like.sizes(), like.strides(), [bytes](void* q) { pool().give(q, bytes); },
+      like.options());
+}
+
 // ---- the steps -------------------------------------------------------------------------------
 
 std::tuple<Vec, Vec> stats_impl(const Tensor& xd) {
@@ -146,7 +215,7 @@ std::tuple<Vec, Vec> stats_impl(const Tensor& xd) {
 // y = (x - mean) * scale + off (float64 per channel), into a new tensor like xd.
 Tensor affine_impl(const Tensor& xd, const Vec& mean, const Vec& scale, const Vec& off) {
   const auto g = geometry(xd);
-  Tensor y = at::empty_like(xd);
+  Tensor y = empty_output(xd);
   if (g.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::transform", [&] {
     // hi = the mean rounded to the data's type; what rounding left out moves into the offset
@@ -186,7 +255,7 @@ std::tuple<Vec, Vec> reduce_impl(const Tensor& dyd, const Tensor& xd, const Vec&
 Tensor elemt_impl(const Tensor& dyd, const Tensor& xd, const Vec& mean, const Vec& invstd,
                   const Vec& w, const Vec& sum_dy, const Vec& sum_dy_xmu, int64_t count) {
   const auto g = geometry(xd);
-  Tensor dx = at::empty_like(xd);
+  Tensor dx = empty_output(xd);
   if (g.numel() == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::backward_elemt", [&] {
     const double n = static_cast<double>(count);
@@ -344,7 +413,10 @@ void update_running_stats_cpu(const optional<Tensor>& running_mean,
   if (has_mean) check_per_channel("update_running_stats_", "running_mean", *running_mean, C);
   if (has_var) check_per_channel("update_running_stats_", "running_var", *running_var, C);
   for (int64_t c = 0; c < C; ++c) {
-    if (!std::isfinite(m[c]) || !std::isfinite(v[c])) return;  // leave everything as it was
+    if (!std::isfinite(m[c]) || !std::isfinite(v[c])) {  // leave everything as it was
+      ++nonfinite_skips;
+      return;
+    }
   }
   double rate;
   if (momentum.has_value()) {
@@ -613,6 +685,8 @@ Tensor batch_norm_composite(const Tensor& input, const optional<Tensor>& weight,
 }
 
 }  // namespace
+
+int64_t nonfinite_skips_on_this_thread() { return nonfinite_skips; }
 
 TORCH_LIBRARY(bnorm, m) {
   m.def("stats(Tensor input) -> (Tensor mean, Tensor var)");

@@ -51,7 +51,7 @@ from .._remedies_common import (
     reduce_dims,
     values_per_channel,
 )
-from ..functional import batch_norm_unchecked, update_running_stats
+from ..functional import update_running_stats
 from .batchnorm import _BatchNormBase
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d
 from .sync import SyncBatchNorm
@@ -529,26 +529,6 @@ class _BatchNormActBase(_ActMixin, _BatchNormBase):
                 f"norm, so it takes no drop_layer (got {self.drop})"
             )
         return spec
-
-    def _normalize(self, input: Tensor) -> Tensor:
-        """bnorm's batch norm of ``input``: the computation of :class:`bnorm.BatchNorm2d`."""
-        fallback = self._uses_running_stats_for(input)
-        use_batch_stats = (self.training or self.running_mean is None) and not fallback
-        self._check_input(input, use_batch_stats)
-        update = self.training and self.track_running_stats and not fallback
-        return batch_norm_unchecked(
-            input,
-            self.running_mean if update or not use_batch_stats else None,
-            self.running_var if update or not use_batch_stats else None,
-            self.weight,
-            self.bias,
-            use_batch_stats=use_batch_stats,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked if update else None,
-            on_nonfinite=self.on_nonfinite,
-            layer=self._layer_name(),
-        )
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():

@@ -168,6 +168,10 @@ class _BatchNormBase:
             return self._op_forward(input)
         if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
             return self._op_forward(input)  # symbolic tracing, jit.trace: one node, no checks
+        return self._normalize(input)
+
+    def _normalize(self, input: Tensor) -> Tensor:
+        """The eager call: the checks, then bnorm's batch norm (:mod:`bnorm.functional`)."""
         fallback = self._uses_running_stats_for(input)
         use_batch_stats = (self.training or self.running_mean is None) and not fallback
         self._check_input(input, use_batch_stats)
@@ -183,7 +187,7 @@ class _BatchNormBase:
             eps=self.eps,
             num_batches_tracked=self.num_batches_tracked if update else None,
             on_nonfinite=self.on_nonfinite,
-            layer=self._layer_name(),
+            layer=self._layer_name,  # named only if a message needs it
         )
 
     def _op_forward(self, input: Tensor) -> Tensor:

@@ -274,9 +274,7 @@ class _SyncInfo:
 
     __slots__ = ("count", "group", "layer", "tag", "timeout")
 
-    def __init__(
-        self, count: int, group, timeout, layer: str, tag: tuple[int, int]
-    ):
+    def __init__(self, count: int, group, timeout, layer: str, tag: tuple[int, int]):
         self.count = count
         self.group = group
         self.timeout = timeout
