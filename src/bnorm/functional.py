@@ -149,8 +149,7 @@ def batch_norm_unchecked(
     and needs ``num_batches_tracked``, which is advanced by one per update (and for an empty
     batch, as torch). Without, the running statistics normalize and nothing changes.
     """
-    device = x.device.type
-    if device != "cpu" and device != "meta":
+    if not x.is_cpu and x.device.type != "meta":
         return _torch_fallback(
             x, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps,
             num_batches_tracked,

@@ -46,13 +46,34 @@ inline void run_sums_impl(const T* p, int64_t n, double k, double& s1, double& s
   s2 = a2;
 }
 
+// The row loops take kRows rows at a time (rows `stride` apart): the per-column sums live in
+// memory, and reading and writing them once per four rows instead of once per row keeps the
+// loop on the data.
+constexpr int64_t kRows = 4;
+
 template <typename T>
-inline void row_sums_impl(const T* p, int64_t n, const double* k, double* a1, double* a2) {
+inline void row_sums_impl(const T* p, int64_t stride, int64_t rows, int64_t n, const double* k,
+                          double* a1, double* a2) {
+  if (rows == kRows) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const double d = static_cast<double>(p[j]) - k[j];
-    a1[j] += d;
-    a2[j] += d * d;
+    for (int64_t j = 0; j < n; ++j) {
+      const double d0 = static_cast<double>(p[j]) - k[j];
+      const double d1 = static_cast<double>(p[stride + j]) - k[j];
+      const double d2 = static_cast<double>(p[2 * stride + j]) - k[j];
+      const double d3 = static_cast<double>(p[3 * stride + j]) - k[j];
+      a1[j] += (d0 + d1) + (d2 + d3);
+      a2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* q = p + r * stride;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const double d = static_cast<double>(q[j]) - k[j];
+      a1[j] += d;
+      a2[j] += d * d;
+    }
   }
 }
 
@@ -83,13 +104,30 @@ inline void run_grad_sums_impl(const T* dy, const T* x, int64_t n, double m, dou
 }
 
 template <typename T>
-inline void row_grad_sums_impl(const T* dy, const T* x, int64_t n, const double* m, double* a1,
-                               double* a2) {
+inline void row_grad_sums_impl(const T* dy, const T* x, int64_t stride, int64_t rows, int64_t n,
+                               const double* m, double* a1, double* a2) {
+  if (rows == kRows) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const double g = static_cast<double>(dy[j]);
-    a1[j] += g;
-    a2[j] += g * (static_cast<double>(x[j]) - m[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      const double g0 = static_cast<double>(dy[j]);
+      const double g1 = static_cast<double>(dy[stride + j]);
+      const double g2 = static_cast<double>(dy[2 * stride + j]);
+      const double g3 = static_cast<double>(dy[3 * stride + j]);
+      a1[j] += (g0 + g1) + (g2 + g3);
+      a2[j] += (g0 * (static_cast<double>(x[j]) - m[j]) +
+                g1 * (static_cast<double>(x[stride + j]) - m[j])) +
+               (g2 * (static_cast<double>(x[2 * stride + j]) - m[j]) +
+                g3 * (static_cast<double>(x[3 * stride + j]) - m[j]));
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const double g = static_cast<double>(dy[r * stride + j]);
+      a1[j] += g;
+      a2[j] += g * (static_cast<double>(x[r * stride + j]) - m[j]);
+    }
   }
 }
 
@@ -110,8 +148,9 @@ inline void row_grad_impl(const T* dy, const T* x, T* dx, int64_t n, const T* a,
   BNORM_CLONES void run_sums(const T* p, int64_t n, double k, double& s1, double& s2) {       \
     run_sums_impl(p, n, k, s1, s2);                                                           \
   }                                                                                           \
-  BNORM_CLONES void row_sums(const T* p, int64_t n, const double* k, double* a1, double* a2) { \
-    row_sums_impl(p, n, k, a1, a2);                                                           \
+  BNORM_CLONES void row_sums(const T* p, int64_t stride, int64_t rows, int64_t n,            \
+                             const double* k, double* a1, double* a2) {                       \
+    row_sums_impl(p, stride, rows, n, k, a1, a2);                                             \
   }                                                                                           \
   BNORM_CLONES void run_affine(const T* x, T* y, int64_t n, T hi, T sc, T of) {               \
     run_affine_impl(x, y, n, hi, sc, of);                                                     \
@@ -124,9 +163,9 @@ inline void row_grad_impl(const T* dy, const T* x, T* dx, int64_t n, const T* a,
                                   double& s2) {                                               \
     run_grad_sums_impl(dy, x, n, m, s1, s2);                                                  \
   }                                                                                           \
-  BNORM_CLONES void row_grad_sums(const T* dy, const T* x, int64_t n, const double* m,        \
-                                  double* a1, double* a2) {                                   \
-    row_grad_sums_impl(dy, x, n, m, a1, a2);                                                  \
+  BNORM_CLONES void row_grad_sums(const T* dy, const T* x, int64_t stride, int64_t rows,     \
+                                  int64_t n, const double* m, double* a1, double* a2) {       \
+    row_grad_sums_impl(dy, x, stride, rows, n, m, a1, a2);                                    \
   }                                                                                           \
   BNORM_CLONES void run_grad(const T* dy, const T* x, T* dx, int64_t n, T a, T hi, T b, T k) { \
     run_grad_impl(dy, x, dx, n, a, hi, b, k);                                                 \
@@ -143,8 +182,8 @@ BNORM_OVERLOADS(double)
 // ---- work splitting --------------------------------------------------------------------------
 
 // Per-channel float64 sums of `term` over every value of the channel, for both geometries.
-// `run(p, len, c, s1, s2)` sums one plane run of channel c; `row(r, c0, len, a1, a2)` adds
-// columns [c0, c0+len) of row r into a1/a2.
+// `run(p, c, s1, s2)` sums one plane run of channel c; `row(r, nr, c0, len, a1, a2)` adds
+// columns [c0, c0+len) of rows r .. r+nr-1 into a1/a2.
 template <typename Run, typename Row>
 void channel_sums(const Geometry& g, double* out1, double* out2, Run run, Row row) {
   const int64_t C = g.c;
@@ -184,7 +223,9 @@ void channel_sums(const Geometry& g, double* out1, double* out2, Run run, Row ro
       double* a1 = s1.data() + rb * C + c0;
       double* a2 = s2.data() + rb * C + c0;
       const int64_t r_end = std::min(M, (rb + 1) * rows_per);
-      for (int64_t r = rb * rows_per; r < r_end; ++r) row(r, c0, len, a1, a2);
+      for (int64_t r = rb * rows_per; r < r_end; r += kRows) {
+        row(r, std::min(kRows, r_end - r), c0, len, a1, a2);
+      }
     }
   });
   for (int64_t c = 0; c < C; ++c) {
@@ -227,8 +268,8 @@ void statistics(const T* x, const Geometry& g, double* mean, double* var) {
   channel_sums(
       g, s1.data(), s2.data(),
       [&](int64_t p, int64_t c, double& a, double& b) { run_sums(x + p * S, S, k[c], a, b); },
-      [&](int64_t r, int64_t c0, int64_t len, double* a, double* b) {
-        row_sums(x + r * C + c0, len, k.data() + c0, a, b);
+      [&](int64_t r, int64_t nr, int64_t c0, int64_t len, double* a, double* b) {
+        row_sums(x + r * C + c0, C, nr, len, k.data() + c0, a, b);
       });
   const double n = static_cast<double>(g.count());
   for (int64_t c = 0; c < C; ++c) {
@@ -256,8 +297,8 @@ void backward_reduce(const T* dy, const T* x, const Geometry& g, const double* m
       [&](int64_t p, int64_t c, double& a, double& b) {
         run_grad_sums(dy + p * S, x + p * S, S, mean[c], a, b);
       },
-      [&](int64_t r, int64_t c0, int64_t len, double* a, double* b) {
-        row_grad_sums(dy + r * C + c0, x + r * C + c0, len, mean + c0, a, b);
+      [&](int64_t r, int64_t nr, int64_t c0, int64_t len, double* a, double* b) {
+        row_grad_sums(dy + r * C + c0, x + r * C + c0, C, nr, len, mean + c0, a, b);
       });
 }
 
