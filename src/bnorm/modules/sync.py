@@ -131,6 +131,8 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
         timeout: as the argument (a timedelta or None).
     """
 
+    _layout = "(N, C, *)"  # any rank >= 2 (_ranks stays empty)
+
     _bnorm_defaults: ClassVar[dict[str, object]] = {
         **_bn._BatchNormBase._bnorm_defaults,
         "timeout": None,
@@ -173,25 +175,6 @@ class SyncBatchNorm(_bn._BatchNormBase, _BatchNorm):
                 f"{self._layer_name()}: expected at least 2D input (N, C, *) "
                 f"(got {input.dim()}D input of shape {_checks.shape_text(input)})"
             )
-
-    def _check_input(self, input: Tensor, use_batch_stats: bool) -> None:
-        _checks.check_call(
-            self._layer_name(),
-            input,
-            ranks=None,
-            layout="(N, C, *)",
-            num_features=self.num_features,
-            tensors={
-                "weight": self.weight,
-                "bias": self.bias,
-                "running_mean": self.running_mean,
-                "running_var": self.running_var,
-            },
-            eps=self.eps,
-            momentum=self.momentum,
-            on_nonfinite=self.on_nonfinite,
-            use_batch_stats=use_batch_stats,
-        )
 
     def forward(self, input: Tensor) -> Tensor:
         group = _dist.sync_group(self.process_group) if self.training else False
