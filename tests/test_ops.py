@@ -165,7 +165,7 @@ def test_running_var_is_exact_for_any_variance_and_eps(
     """Regression: bnorm rebuilt running_var from float32's 1/invstd² - eps on small inputs
     with autograd (relative error 7.7e-3 at variance 1e-8, eps 1e-3). Now the batch's float64
     variance moves it, on every layer and path: within 1e-6 of float64."""
-    monkeypatch.setattr(bnorm.functional, "_composite_wanted", lambda *a: composite)
+    monkeypatch.setattr(bnorm.functional, "composite_wanted", lambda *a: composite)
     std = 10 ** (log_var / 2)
     x = (torch.randn(n, 4, generator=torch.Generator().manual_seed(n)) * std).float()
     kwargs = {"virtual_batch_size": n} if layer_kind == "GhostBatchNorm1d" else {}
@@ -238,6 +238,42 @@ def test_results_do_not_depend_on_the_thread_count(shape, cl, threads):
         torch.set_num_threads(before)
     for a, b in zip(one, many, strict=True):
         assert torch.equal(a, b)
+
+
+@needs_extension
+@given(
+    n=st.integers(1, 6),
+    c=st.integers(8, 40),
+    s=st.sampled_from([(2,), (7,), (3, 5), (14, 14), (2, 3, 4)]),
+    offset=st.sampled_from([0.0, -1e4]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    affine=st.booleans(),
+)
+def test_fused_training_loops_equal_the_separate_steps(n, c, s, offset, dtype, affine):
+    """batch_norm_train and its backward take the loops fused per channel for NCHW-like data
+    with enough channels; they must give the four separate steps' numbers bit for bit."""
+    shape = (n, c, *s)
+    x = _x(shape, offset=offset, dtype=dtype, seed=n * 100 + c)
+    dy = _x(shape, dtype=dtype, seed=7)
+    w = _x((c,), dtype=dtype, seed=1) if affine else None
+    b = _x((c,), dtype=dtype, seed=2) if affine else None
+    with torch.no_grad():
+        y, mean, var = torch.ops.bnorm.batch_norm_train(x, w, b, 1e-3)
+        dx, dw, db = torch.ops.bnorm.batch_norm_backward(
+            dy, x, w, mean, var, 1e-3, True, [True, affine, affine]
+        )
+        mean2, var2 = torch.ops.bnorm.stats(x)
+        invstd = 1.0 / torch.sqrt(var2 + 1e-3)
+        y2 = torch.ops.bnorm.transform(x, mean2, invstd, w, b)
+        sum_dy, sum_dy_xmu = torch.ops.bnorm.backward_reduce(dy, x, mean2)
+        dx2 = torch.ops.bnorm.backward_elemt(
+            dy, x, mean2, invstd, w, sum_dy, sum_dy_xmu, x.numel() // c
+        )
+    for got, want in [(mean, mean2), (var, var2), (y, y2), (dx, dx2)]:
+        assert torch.equal(got, want)
+    if affine:
+        assert torch.equal(db, sum_dy.to(dtype))
+        assert_close(dw, (sum_dy_xmu * invstd).to(dtype), atol=0.0, rtol=1e-6)
 
 
 # ---- without the extension -----------------------------------------------------------------

@@ -14,7 +14,7 @@ import bnorm
 from bnorm import functional as F
 from bnorm import reference as ref
 
-_COMPOSITE_WANTED = F._composite_wanted  # the real rule (the tests below patch it)
+_COMPOSITE_WANTED = F.composite_wanted  # the real rule (the tests below patch it)
 
 LAYERS = {2: bnorm.BatchNorm1d, 3: bnorm.BatchNorm1d, 4: bnorm.BatchNorm2d, 5: bnorm.BatchNorm3d}
 
@@ -68,7 +68,7 @@ def test_operators_equal_composite_path(
             taken.append(real(*args))
             return composite
 
-        monkeypatch.setattr(F, "_composite_wanted", spy)
+        monkeypatch.setattr(F, "composite_wanted", spy)
         layer = LAYERS[rank](c, momentum=momentum, affine=affine).double()
         layer.train(training)
         layer.running_mean.copy_(running_mean)
@@ -193,3 +193,141 @@ def test_eval_mode_gradcheck():
     w, b = layer.weight, layer.bias
     assert torch.autograd.gradcheck(lambda t, w_, b_: layer(t), (x, w, b))
     assert torch.autograd.gradgradcheck(lambda t, w_, b_: layer(t), (x, w, b))
+
+
+# ---- evaluation in one C++ call (bnorm._C.eval_call) ----------------------------------------
+
+needs_extension = pytest.mark.skipif(not bnorm.ops.EXTENSION, reason="no C++ extension")
+
+
+def _eval_layer(rank, c, dtype=torch.float32, affine=True):
+    layer = LAYERS[rank](c, affine=affine).to(dtype).eval()
+    g = torch.Generator().manual_seed(c)
+    layer.running_mean.copy_(torch.randn(c, generator=g) * 3)
+    layer.running_var.copy_(torch.rand(c, generator=g) + 0.1)
+    if affine:
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(c, generator=g))
+            layer.bias.copy_(torch.randn(c, generator=g))
+    return layer
+
+
+@needs_extension
+@given(
+    rank=st.sampled_from([2, 3, 4, 5]),
+    c=st.integers(1, 9),
+    n=st.integers(1, 5),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    affine=st.booleans(),
+    cl=st.booleans(),
+)
+def test_eval_call_equals_the_layers_python_path(rank, c, n, dtype, affine, cl):
+    """The C++ evaluation entry gives the operator's numbers, bit for bit, as the layer's Python
+    route (checks, functional, torch.ops.bnorm.batch_norm_eval) does."""
+    layer = _eval_layer(rank, c, dtype, affine)
+    x = torch.randn((n, c) + (3,) * (rank - 2), dtype=dtype) + 2.0
+    if cl and rank >= 4:
+        x = channels_last(x)
+    fast = F.plain_eval_call(x, layer.__dict__, layer._ranks)
+    assert fast is not None
+    assert torch.equal(fast, layer._normalize(x))
+    assert torch.equal(fast, layer(x))
+    assert fast.stride() == x.stride()
+
+
+@needs_extension
+def test_eval_call_keeps_autograd():
+    layer = _eval_layer(4, 3, torch.float64)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert F.plain_eval_call(x, layer.__dict__, layer._ranks) is not None
+    assert torch.autograd.gradcheck(layer, (x,))
+    y = F.plain_eval_call(x, layer.__dict__, layer._ranks)
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    expected = (layer.weight / (layer.running_var + layer.eps).sqrt()).view(1, 3, 1, 1)
+    assert_close(dx, expected.expand_as(x), atol=1e-12)
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _declines(case):
+    """Calls that eval_call must hand back (None) to the layer's Python path."""
+    layer = _eval_layer(4, 3)
+    x = torch.randn(2, 3, 4, 4)
+    if case == "training":
+        layer.train()
+    elif case == "subclass":
+        x = x.as_subclass(_Sub)
+    elif case == "rank":
+        x = x[0]
+    elif case == "channels":
+        x = torch.randn(2, 4, 4, 4)
+    elif case == "integer input":
+        x = x.to(torch.int64)
+    elif case == "half input":
+        x = x.half()
+    elif case == "parameter dtype":
+        layer.double()
+    elif case == "eps":
+        layer.eps = 0.0
+    elif case == "momentum":
+        layer.momentum = 2.0
+    elif case == "on_nonfinite":
+        layer.on_nonfinite = "ignore"
+    elif case == "no running stats":
+        layer.running_mean = None
+    elif case == "meta":
+        x = torch.empty(2, 3, 4, 4, device="meta")
+    return layer, x
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "case",
+    ["training", "subclass", "rank", "channels", "integer input", "half input",
+     "parameter dtype", "eps", "momentum", "on_nonfinite", "no running stats", "meta"],
+)  # fmt: skip
+def test_eval_call_declines_what_it_does_not_plainly_serve(case):
+    layer, x = _declines(case)
+    assert F.plain_eval_call(x, layer.__dict__, layer._ranks) is None
+
+
+@needs_extension
+@pytest.mark.filterwarnings(r"ignore:.*torch\.jit.* is deprecated:DeprecationWarning")
+def test_eval_call_declines_under_tracing_and_modes():
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer = _eval_layer(4, 3)
+    x = torch.randn(2, 3, 4, 4)
+
+    class Seen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Functions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    for mode in (Seen(), Functions()):
+        with mode:
+            assert F.plain_eval_call(x, layer.__dict__, layer._ranks) is None
+    seen = []
+
+    class Traced(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, t):
+            seen.append(F.plain_eval_call(t, layer.__dict__, layer._ranks))
+            return self.layer(t)
+
+    torch.jit.trace(Traced(), (x,), check_trace=False)
+    assert seen == [None]
+    wrapped = []
+    torch.func.vmap(
+        lambda t: wrapped.append(F.plain_eval_call(t[None], layer.__dict__, layer._ranks)) or t
+    )(x)
+    assert wrapped == [None]

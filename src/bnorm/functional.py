@@ -159,7 +159,7 @@ def batch_norm_unchecked(
             raise ValueError(
                 f"{_name(layer)}: momentum=None (cumulative average) needs num_batches_tracked"
             )
-    if _composite_wanted(x, weight, bias):
+    if composite_wanted():
         return _composite(
             x, running_mean, running_var, weight, bias, use_batch_stats, momentum, eps,
             num_batches_tracked,
@@ -202,7 +202,7 @@ def train_forward(
     """Training-mode batch norm of a checked input without the running statistics:
     ``(y, mean, var)``, the batch's statistics float64 (C,) (var biased). The route is
     :func:`batch_norm_unchecked`'s: the operator, or the composite path where a tool needs it."""
-    if _composite_wanted(x, weight, bias):
+    if composite_wanted():
         return ops.composite_train(x, weight, bias, eps)
     return _ops.batch_norm_train.default(x, weight, bias, eps)
 
@@ -217,16 +217,24 @@ def _count(x: Tensor) -> int:
     return x.numel() // channels if channels else 0
 
 
-def _composite_wanted(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    """Whether this call must take the composite path (aten ops): under torch.compile or
+def composite_wanted() -> bool:
+    """Whether a call now must take the composite path (aten ops): under torch.compile or
     torch.export (inductor fuses it; exported programs hold aten ops), inside a torch.func
-    transform (vmap, grad, jvp...), or with forward-mode AD active. (The arguments are the
-    tensors of the call; the rule needs none of them today.)"""
+    transform (vmap, grad, jvp...), or with forward-mode AD active."""
     return (
         torch.compiler.is_compiling()
         or torch.autograd.forward_ad._current_level >= 0
         or torch._C._functorch.peek_interpreter_stack() is not None
     )
+
+
+#: ``plain_eval_call(x, layer.__dict__, ranks)``: a bnorm BatchNorm layer's evaluation of a plain
+#: CPU tensor in one C++ call (its checks, then ``torch.ops.bnorm.batch_norm_eval`` through the
+#: dispatcher), or None when the call needs the layer's Python path. Only where
+#: :func:`composite_wanted` is False; None without the extension.
+plain_eval_call: Callable[[Tensor, dict, tuple[int, ...]], Tensor | None] | None = (
+    ops.eval_call if ops.EXTENSION else None
+)
 
 
 def _composite(
@@ -264,7 +272,7 @@ def update_running_stats(
     """
     if momentum is None and num_batches_tracked is None and count > 0:
         raise ValueError(f"{layer}: momentum=None (cumulative average) needs num_batches_tracked")
-    if _composite_wanted(mean, None, None):  # no Python branch on the data: where() skips it
+    if composite_wanted():  # no Python branch on the data: where() skips it
         ops.composite_update(
             running_mean, running_var, num_batches_tracked, mean, var, count, momentum
         )

@@ -369,6 +369,7 @@ def _define_composite_library() -> torch.library.Library:
 
 if EXTENSION:
     _register_fakes()
+    from ._C import eval_call as eval_call
     from ._C import nonfinite_skips as nonfinite_skips
 else:
     _LIBRARY = _define_composite_library()  # kept alive: the registrations last as long as it

@@ -130,7 +130,7 @@ Tensor to_tensor(const Vec& v, at::ScalarType type) {
 
 Vec invstd_of(const Vec& var, double eps) {
   Vec r(var.size());
-  for (size_t c = 0; c < var.size(); ++c) r[c] = 1.0 / std::sqrt(var[c] + eps);
+  for (size_t c = 0; c < var.size(); ++c) r[c] = cpu::invstd_of(var[c], eps);
   return r;
 }
 
@@ -218,12 +218,12 @@ Tensor affine_impl(const Tensor& xd, const Vec& mean, const Vec& scale, const Ve
   Tensor y = empty_output(xd);
   if (g.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::transform", [&] {
-    // hi = the mean rounded to the data's type; what rounding left out moves into the offset
     std::vector<scalar_t> hi(g.c), sc(g.c), of(g.c);
     for (int64_t c = 0; c < g.c; ++c) {
-      hi[c] = static_cast<scalar_t>(mean[c]);
-      sc[c] = static_cast<scalar_t>(scale[c]);
-      of[c] = static_cast<scalar_t>(off[c] - (mean[c] - static_cast<double>(hi[c])) * scale[c]);
+      const cpu::AffineCoef<scalar_t> f(mean[c], scale[c], off[c]);
+      hi[c] = f.hi;
+      sc[c] = f.sc;
+      of[c] = f.of;
     }
     cpu::transform<scalar_t>(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), g,
                              hi.data(), sc.data(), of.data());
@@ -250,8 +250,7 @@ std::tuple<Vec, Vec> reduce_impl(const Tensor& dyd, const Tensor& xd, const Vec&
   return {sum_dy, sum_dy_xmu};
 }
 
-// dx of training-mode batch norm: dx = a*dy + b*(x - mean) + k0 with a = w*invstd,
-// b = -a*invstd^2*sum_dy_xmu/n, k0 = -a*sum_dy/n (all float64 per channel).
+// dx of training-mode batch norm (coefficients: cpu::GradCoef).
 Tensor elemt_impl(const Tensor& dyd, const Tensor& xd, const Vec& mean, const Vec& invstd,
                   const Vec& w, const Vec& sum_dy, const Vec& sum_dy_xmu, int64_t count) {
   const auto g = geometry(xd);
@@ -261,13 +260,11 @@ Tensor elemt_impl(const Tensor& dyd, const Tensor& xd, const Vec& mean, const Ve
     const double n = static_cast<double>(count);
     std::vector<scalar_t> a(g.c), hi(g.c), b(g.c), k(g.c);
     for (int64_t c = 0; c < g.c; ++c) {
-      const double is = invstd[c];
-      const double ad = w[c] * is;
-      const double bd = -ad * is * is * sum_dy_xmu[c] / n;
-      hi[c] = static_cast<scalar_t>(mean[c]);
-      a[c] = static_cast<scalar_t>(ad);
-      b[c] = static_cast<scalar_t>(bd);
-      k[c] = static_cast<scalar_t>(-ad * sum_dy[c] / n - bd * (mean[c] - static_cast<double>(hi[c])));
+      const cpu::GradCoef<scalar_t> f(mean[c], invstd[c], w[c], sum_dy[c], sum_dy_xmu[c], n);
+      a[c] = f.a;
+      hi[c] = f.hi;
+      b[c] = f.b;
+      k[c] = f.k;
     }
     cpu::backward_elementwise<scalar_t>(dyd.const_data_ptr<scalar_t>(),
                                         xd.const_data_ptr<scalar_t>(),
@@ -336,6 +333,18 @@ std::tuple<Tensor, Tensor, Tensor> train_cpu(const Tensor& input, const optional
   check_per_channel("batch_norm_train", "bias", bias, C);
   TORCH_CHECK(eps > 0, "bnorm::batch_norm_train: eps must be positive, got ", eps);
   Tensor xd = dense(input);
+  const auto g = geometry(xd);
+  if (g.numel() > 0 && cpu::fused(g, xd.element_size())) {
+    // statistics and transform per channel while it is in cache (the same numbers, bit for bit)
+    Vec mean(C), var(C);
+    const Vec w = per_channel64(weight, C, 1.0), b = per_channel64(bias, C, 0.0);
+    Tensor y = empty_output(xd);
+    AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::batch_norm_train", [&] {
+      cpu::train_forward<scalar_t>(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                                   g, w.data(), b.data(), eps, mean.data(), var.data());
+    });
+    return {as_output(y, input), to_tensor(mean, at::kDouble), to_tensor(var, at::kDouble)};
+  }
   auto [mean, var] = stats_impl(xd);
   Tensor y = transform_impl(xd, mean, invstd_of(var, eps), weight, bias);
   return {as_output(y, input), to_tensor(mean, at::kDouble), to_tensor(var, at::kDouble)};
@@ -374,6 +383,19 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Te
   Vec w64 = per_channel64(weight, C, 1.0);
   const int64_t count = xd.numel() / std::max<int64_t>(C, 1);
   Vec sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
+  const auto g = geometry(xd);
+  if (train && output_mask[0] && count > 0 && cpu::fused(g, xd.element_size())) {
+    // reductions and dx per channel while it is in cache (the same numbers, bit for bit)
+    Tensor dx = empty_output(xd);
+    AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::batch_norm_backward", [&] {
+      cpu::train_backward<scalar_t>(dyd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(),
+                                    dx.mutable_data_ptr<scalar_t>(), g, mean64.data(),
+                                    invstd64.data(), w64.data(), sum_dy.data(), sum_dy_xmu.data());
+    });
+    for (int64_t c = 0; c < C; ++c) sum_dy_xmu[c] *= invstd64[c];  // = dweight
+    return {as_output(dx, input), to_tensor(sum_dy_xmu, param_type),
+            to_tensor(sum_dy, param_type)};
+  }
   if (output_mask[1] || output_mask[2] || (output_mask[0] && train)) {
     std::tie(sum_dy, sum_dy_xmu) = reduce_impl(dyd, xd, mean64);
   }
@@ -687,6 +709,13 @@ Tensor batch_norm_composite(const Tensor& input, const optional<Tensor>& weight,
 }  // namespace
 
 int64_t nonfinite_skips_on_this_thread() { return nonfinite_skips; }
+
+// bnorm::batch_norm_eval through the dispatcher (for module.cpp's eval_call).
+Tensor call_batch_norm_eval(const Tensor& x, const optional<Tensor>& weight,
+                            const optional<Tensor>& bias, const Tensor& running_mean,
+                            const Tensor& running_var, double eps) {
+  return eval_op().call(x, weight, bias, running_mean, running_var, eps);
+}
 
 TORCH_LIBRARY(bnorm, m) {
   m.def("stats(Tensor input) -> (Tensor mean, Tensor var)");

@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from .. import _checks
-from ..functional import batch_norm_unchecked
+from .. import functional
+from ..functional import batch_norm_unchecked, plain_eval_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -166,6 +167,12 @@ class _BatchNormBase:
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             return self._op_forward(input)
+        if not self.training and plain_eval_call is not None and not functional.composite_wanted():
+            # evaluation of a plain CPU tensor: the checks and the operator in one C++ call
+            # (bnorm._C.eval_call); None when the call needs the path below
+            y = plain_eval_call(input, self.__dict__, self._ranks)
+            if y is not None:
+                return y
         if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
             return self._op_forward(input)  # symbolic tracing, jit.trace: one node, no checks
         return self._normalize(input)

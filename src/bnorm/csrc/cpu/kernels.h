@@ -16,6 +16,7 @@
 // mean rounded to the data's type first: near the data that subtraction is exact (Sterbenz).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace bnorm::cpu {
@@ -29,6 +30,35 @@ struct Geometry {
   int64_t numel() const { return n * c * s; }
   int64_t count() const { return n * s; }  // values per channel
 };
+
+// The per-channel coefficients, computed in float64 and rounded to T once.
+// transform: (x - mean) * scale + off  ==  (x - hi) * sc + of, with hi = mean rounded to T and
+// what that rounding left out moved into the offset.
+template <typename T>
+struct AffineCoef {
+  T hi, sc, of;
+  AffineCoef(double mean, double scale, double off)
+      : hi(static_cast<T>(mean)),
+        sc(static_cast<T>(scale)),
+        of(static_cast<T>(off - (mean - static_cast<double>(hi)) * scale)) {}
+};
+
+// training backward: dx = a*dy + b*(x - mean) + k0 with a = w*invstd,
+// b = -a*invstd^2*sum_dy_xmu/n, k0 = -a*sum_dy/n; again around hi = mean rounded to T.
+template <typename T>
+struct GradCoef {
+  T a, hi, b, k;
+  GradCoef(double mean, double invstd, double w, double sum_dy, double sum_dy_xmu, double n) {
+    const double ad = w * invstd;
+    const double bd = -ad * invstd * invstd * sum_dy_xmu / n;
+    a = static_cast<T>(ad);
+    hi = static_cast<T>(mean);
+    b = static_cast<T>(bd);
+    k = static_cast<T>(-ad * sum_dy / n - bd * (mean - static_cast<double>(hi)));
+  }
+};
+
+inline double invstd_of(double var, double eps) { return 1.0 / std::sqrt(var + eps); }
 
 // mean[c], var[c] (biased), float64.
 template <typename T>
@@ -47,5 +77,22 @@ void backward_reduce(const T* dy, const T* x, const Geometry& g, const double* m
 template <typename T>
 void backward_elementwise(const T* dy, const T* x, T* dx, const Geometry& g, const T* a,
                           const T* hi, const T* b, const T* k);
+
+// Whether the fused training loops below serve g: planes whose channel (N runs of S values)
+// fits in a core's cache with room for a second array, and enough channels to share out.
+bool fused(const Geometry& g, int64_t itemsize);
+
+// Training forward, fused per channel (planes only): the channel's statistics, then its
+// transform with scale = w*invstd_of(var, eps) and off = b, while the channel is in cache.
+// Bit for bit statistics() then transform() with those coefficients.
+template <typename T>
+void train_forward(const T* x, T* y, const Geometry& g, const double* w, const double* b,
+                   double eps, double* mean, double* var);
+
+// Training backward, fused per channel (planes only): backward_reduce, then
+// backward_elementwise with GradCoef, per channel while it is in cache. Bit for bit the two.
+template <typename T>
+void train_backward(const T* dy, const T* x, T* dx, const Geometry& g, const double* mean,
+                    const double* invstd, const double* w, double* sum_dy, double* sum_dy_xmu);
 
 }  // namespace bnorm::cpu
