@@ -156,7 +156,24 @@ def composite_eval(
     running_var: Tensor,
     eps: float,
 ) -> Tensor:
-    """Evaluation batch norm: normalized by the running statistics (constants)."""
+    """Evaluation batch norm: normalized by the running statistics (constants).
+
+    With running statistics (and parameters) of the compute dtype, ``x - running_mean`` is the
+    one rounding that matters, and the per-channel factor ``rsqrt(var + eps) * weight`` is
+    computed in that dtype, as torch computes it: under torch.compile, inductor inlines these
+    per-channel values into the pass over x, where float64 arithmetic per element would cost
+    more than the pass (within 3 float32 roundings of the operator's factor, rounded once from
+    float64). Otherwise the float64 coefficients of :func:`composite_transform`."""
+    cd = _compute_dtype(x)
+    if all(t is None or t.dtype == cd for t in (weight, bias, running_mean, running_var)):
+        shape = _bshape(x)
+        scale = torch.rsqrt(running_var.detach().reshape(-1) + eps)
+        if weight is not None:
+            scale = scale * weight.reshape(-1)
+        y = (x.to(cd) - running_mean.detach().view(shape)) * scale.view(shape)
+        if bias is not None:
+            y = y + bias.view(shape)
+        return y.to(x.dtype)
     mean = running_mean.detach().to(_F64).reshape(-1)
     invstd = torch.rsqrt(running_var.detach().to(_F64).reshape(-1) + eps)
     return composite_transform(x, mean, invstd, weight, bias)
