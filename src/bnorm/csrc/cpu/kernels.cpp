@@ -58,37 +58,56 @@ BNORM_INLINE double lane_total(const double* a) {
   return t[0];
 }
 
+// The run loops sum `runs` runs of n values, `stride` apart (one channel's runs in a plane
+// tensor, or a single run), so a channel of short runs costs one call, not one per run.
 template <typename T>
-BNORM_INLINE void run_sums_impl(const T* p, int64_t n, double k, double& s1, double& s2) {
-  double a1[kLanes] = {}, a2[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+BNORM_INLINE void run_sums_impl(const T* p, int64_t stride, int64_t runs, int64_t n, double k,
+                                double& s1, double& s2) {
+  double a1[kLanes] = {}, a2[kLanes] = {}, r1 = 0.0, r2 = 0.0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const T* q = p + r * stride;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const double d = static_cast<double>(p[i + j]) - k;
-      a1[j] += d;
-      a2[j] += d * d;
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const double d = static_cast<double>(q[i + j]) - k;
+        a1[j] += d;
+        a2[j] += d * d;
+      }
+    }
+    // the tail: 8 and 4 lanes, then single values into r1/r2 (every lane index is a constant,
+    // so the lanes can stay in registers; a runtime index would keep them in memory)
+    for (int64_t w = kLanes / 2; w >= 4; w /= 2) {
+      if (n - i >= w) {
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          const double d = static_cast<double>(q[i + j]) - k;
+          a1[j] += d;
+          a2[j] += d * d;
+        }
+        i += w;
+      }
+    }
+    for (; i < n; ++i) {
+      const double d = static_cast<double>(q[i]) - k;
+      r1 += d;
+      r2 += d * d;
     }
   }
-  for (int64_t j = 0; i < n; ++i, ++j) {
-    const double d = static_cast<double>(p[i]) - k;
-    a1[j] += d;
-    a2[j] += d * d;
-  }
-  s1 = lane_total(a1);
-  s2 = lane_total(a2);
+  s1 = lane_total(a1) + r1;
+  s2 = lane_total(a2) + r2;
 }
 
-// float32 runs: blocks of kBlock values are summed in float32, in kLanesF lanes (no conversion
-// in the loop: three times the float64 loop's speed, measured), and each block's lane sums are
-// added in float64. Each lane adds at most kBlock / kLanesF = 16 terms and the fold two more,
-// so a block's sum of squares is within 19 float32 roundings (1.1e-6) of exact, relative, in
+// float32 runs: blocks of values are summed in float32, in kLanesF lanes (no conversion in the
+// loop: three times the float64 loop's speed, measured), and each block's lane sums are added
+// in float64. Each lane adds at most kTerms + 1 = 17 terms and the fold two more,
+// so a block's sum of squares is within 20 float32 roundings (1.2e-6) of exact, relative, in
 // the worst case, and the
 // statistics keep their digits because the terms are small: x - k with k near the data
 // (see shift_of and statistics' retake), exact by Sterbenz's lemma when x is within a factor 2
 // of k, as data far from zero is.
 constexpr int64_t kLanesF = 32;
-constexpr int64_t kBlock = 512;
+constexpr int64_t kTerms = 16;  // terms a float32 lane adds before its block is folded
 constexpr int64_t kFold = 8;  // float64 lanes the blocks' float32 lanes are folded into
 
 // Folds a block's kLanesF float32 lanes into kFold float64 lanes (three float32 adds per lane:
@@ -104,31 +123,67 @@ BNORM_INLINE double fold_total(const double* t) {
   return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
 }
 
-BNORM_INLINE void run_sums_impl(const float* p, int64_t n, double k, double& s1, double& s2) {
+// Sums `runs` runs of n float32 values in blocks of at most kTerms terms per lane. `add(q, i,
+// e, a1, a2)` adds values i..e-1 of the run at q into the lanes.
+template <typename Add>
+BNORM_INLINE void float_blocks(int64_t runs, int64_t n, double* t1, double* t2, Add add) {
+  float a1[kLanesF] = {}, a2[kLanesF] = {};
+  int64_t terms = 0;
+  for (int64_t r = 0; r < runs; ++r) {
+    int64_t i = 0;
+    while (i < n) {
+      const int64_t e = std::min(n, i + (kTerms - terms) * kLanesF);
+      add(r, i, e, a1, a2);
+      terms += (e - i) / kLanesF + 2;  // the tail's 16 and 8 lanes: two more at most
+      i = e;
+      if (terms >= kTerms) {
+        fold(a1, t1);
+        fold(a2, t2);
+        std::fill_n(a1, kLanesF, 0.0f);
+        std::fill_n(a2, kLanesF, 0.0f);
+        terms = 0;
+      }
+    }
+  }
+  if (terms > 0) {
+    fold(a1, t1);
+    fold(a2, t2);
+  }
+}
+
+BNORM_INLINE void run_sums_impl(const float* p, int64_t stride, int64_t runs, int64_t n, double k,
+                                double& s1, double& s2) {
   const float kf = static_cast<float>(k);  // k is a float value (shift_of rounds it)
-  double t1[kFold] = {}, t2[kFold] = {};
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = std::min(n, b + kBlock);
-    float a1[kLanesF] = {}, a2[kLanesF] = {};
-    int64_t i = b;
+  double t1[kFold] = {}, t2[kFold] = {}, r1 = 0.0, r2 = 0.0;
+  float_blocks(runs, n, t1, t2, [&](int64_t r, int64_t i, int64_t e, float* a1, float* a2) {
+    const float* q = p + r * stride;
     for (; i + kLanesF <= e; i += kLanesF) {
 #pragma omp simd
       for (int64_t j = 0; j < kLanesF; ++j) {
-        const float d = p[i + j] - kf;
+        const float d = q[i + j] - kf;
         a1[j] += d;
         a2[j] += d * d;
       }
     }
-    for (int64_t j = 0; i < e; ++i, ++j) {
-      const float d = p[i] - kf;
-      a1[j] += d;
-      a2[j] += d * d;
+    for (int64_t w = kLanesF / 2; w >= 8; w /= 2) {  // the tail, as in the float64 loop
+      if (e - i >= w) {
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          const float d = q[i + j] - kf;
+          a1[j] += d;
+          a2[j] += d * d;
+        }
+        i += w;
+      }
     }
-    fold(a1, t1);
-    fold(a2, t2);
-  }
-  s1 = fold_total(t1);
-  s2 = fold_total(t2);
+    for (; i < e; ++i) {  // fewer than 8 values: float64
+      const double d = static_cast<double>(q[i]) - k;
+      r1 += d;
+      r2 += d * d;
+    }
+  });
+  s1 = fold_total(t1) + r1;
+  s2 = fold_total(t2) + r2;
 }
 
 // The row loops take kRows rows at a time (rows `stride` apart): the per-column sums live in
@@ -163,9 +218,14 @@ BNORM_INLINE void row_sums_impl(const T* p, int64_t stride, int64_t rows, int64_
 }
 
 template <typename T>
-BNORM_INLINE void run_affine_impl(const T* x, T* y, int64_t n, T hi, T sc, T of) {
+BNORM_INLINE void run_affine_impl(const T* x, T* y, int64_t stride, int64_t runs, int64_t n, T hi,
+                                  T sc, T of) {
+  for (int64_t r = 0; r < runs; ++r) {
+    const T* xr = x + r * stride;
+    T* yr = y + r * stride;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - hi) * sc + of;
+    for (int64_t i = 0; i < n; ++i) yr[i] = (xr[i] - hi) * sc + of;
+  }
 }
 
 template <typename T>
@@ -175,53 +235,77 @@ BNORM_INLINE void row_affine_impl(const T* x, T* y, int64_t n, const T* hi, cons
 }
 
 template <typename T>
-BNORM_INLINE void run_grad_sums_impl(const T* dy, const T* x, int64_t n, double m, double& s1,
-                               double& s2) {
-  double a1[kLanes] = {}, a2[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+BNORM_INLINE void run_grad_sums_impl(const T* dy, const T* x, int64_t stride, int64_t runs,
+                                     int64_t n, double m, double& s1, double& s2) {
+  double a1[kLanes] = {}, a2[kLanes] = {}, r1 = 0.0, r2 = 0.0;
+  for (int64_t r = 0; r < runs; ++r) {
+    const T* g = dy + r * stride;
+    const T* q = x + r * stride;
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
 #pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const double g = static_cast<double>(dy[i + j]);
-      a1[j] += g;
-      a2[j] += g * (static_cast<double>(x[i + j]) - m);
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const double v = static_cast<double>(g[i + j]);
+        a1[j] += v;
+        a2[j] += v * (static_cast<double>(q[i + j]) - m);
+      }
+    }
+    for (int64_t w = kLanes / 2; w >= 4; w /= 2) {  // the tail (see run_sums_impl)
+      if (n - i >= w) {
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          const double v = static_cast<double>(g[i + j]);
+          a1[j] += v;
+          a2[j] += v * (static_cast<double>(q[i + j]) - m);
+        }
+        i += w;
+      }
+    }
+    for (; i < n; ++i) {
+      const double v = static_cast<double>(g[i]);
+      r1 += v;
+      r2 += v * (static_cast<double>(q[i]) - m);
     }
   }
-  for (int64_t j = 0; i < n; ++i, ++j) {
-    const double g = static_cast<double>(dy[i]);
-    a1[j] += g;
-    a2[j] += g * (static_cast<double>(x[i]) - m);
-  }
-  s1 = lane_total(a1);
-  s2 = lane_total(a2);
+  s1 = lane_total(a1) + r1;
+  s2 = lane_total(a2) + r2;
 }
 
 // float32 runs, in float32 blocks as run_sums: sum(dy * (x - m)) is taken as
 // sum(dy * (x - hi)) - (m - hi) * sum(dy), hi = m rounded to float (x - hi exact near the data).
-BNORM_INLINE void run_grad_sums_impl(const float* dy, const float* x, int64_t n, double m, double& s1,
-                               double& s2) {
+BNORM_INLINE void run_grad_sums_impl(const float* dy, const float* x, int64_t stride,
+                                     int64_t runs, int64_t n, double m, double& s1, double& s2) {
   const float hi = static_cast<float>(m);
-  double t1[kFold] = {}, t2[kFold] = {};
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = std::min(n, b + kBlock);
-    float a1[kLanesF] = {}, a2[kLanesF] = {};
-    int64_t i = b;
+  double t1[kFold] = {}, t2[kFold] = {}, r1 = 0.0, r2 = 0.0;
+  float_blocks(runs, n, t1, t2, [&](int64_t r, int64_t i, int64_t e, float* a1, float* a2) {
+    const float* g = dy + r * stride;
+    const float* q = x + r * stride;
     for (; i + kLanesF <= e; i += kLanesF) {
 #pragma omp simd
       for (int64_t j = 0; j < kLanesF; ++j) {
-        a1[j] += dy[i + j];
-        a2[j] += dy[i + j] * (x[i + j] - hi);
+        a1[j] += g[i + j];
+        a2[j] += g[i + j] * (q[i + j] - hi);
       }
     }
-    for (int64_t j = 0; i < e; ++i, ++j) {
-      a1[j] += dy[i];
-      a2[j] += dy[i] * (x[i] - hi);
+    for (int64_t w = kLanesF / 2; w >= 8; w /= 2) {  // the tail (see run_sums_impl)
+      if (e - i >= w) {
+#pragma omp simd
+        for (int64_t j = 0; j < w; ++j) {
+          a1[j] += g[i + j];
+          a2[j] += g[i + j] * (q[i + j] - hi);
+        }
+        i += w;
+      }
     }
-    fold(a1, t1);
-    fold(a2, t2);
-  }
-  s1 = fold_total(t1);
-  s2 = fold_total(t2) - (m - static_cast<double>(hi)) * s1;
+    for (; i < e; ++i) {  // fewer than 8 values: float64, around m itself
+      const double v = static_cast<double>(g[i]);
+      r1 += v;
+      r2 += v * (static_cast<double>(q[i]) - m);
+    }
+  });
+  const double f1 = fold_total(t1);
+  s1 = f1 + r1;
+  s2 = fold_total(t2) - (m - static_cast<double>(hi)) * f1 + r2;
 }
 
 template <typename T>
@@ -253,9 +337,15 @@ BNORM_INLINE void row_grad_sums_impl(const T* dy, const T* x, int64_t stride, in
 }
 
 template <typename T>
-BNORM_INLINE void run_grad_impl(const T* dy, const T* x, T* dx, int64_t n, T a, T hi, T b, T k) {
+BNORM_INLINE void run_grad_impl(const T* dy, const T* x, T* dx, int64_t stride, int64_t runs,
+                                int64_t n, T a, T hi, T b, T k) {
+  for (int64_t r = 0; r < runs; ++r) {
+    const T* g = dy + r * stride;
+    const T* q = x + r * stride;
+    T* d = dx + r * stride;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * a + (x[i] - hi) * b + k;
+    for (int64_t i = 0; i < n; ++i) d[i] = g[i] * a + (q[i] - hi) * b + k;
+  }
 }
 
 template <typename T>
@@ -266,30 +356,33 @@ BNORM_INLINE void row_grad_impl(const T* dy, const T* x, T* dx, int64_t n, const
 }
 
 #define BNORM_OVERLOADS(T)                                                                    \
-  BNORM_CLONES void run_sums(const T* p, int64_t n, double k, double& s1, double& s2) {       \
-    run_sums_impl(p, n, k, s1, s2);                                                           \
+  BNORM_CLONES void run_sums(const T* p, int64_t stride, int64_t runs, int64_t n, double k,  \
+                             double& s1, double& s2) {                                        \
+    run_sums_impl(p, stride, runs, n, k, s1, s2);                                             \
   }                                                                                           \
   BNORM_CLONES void row_sums(const T* p, int64_t stride, int64_t rows, int64_t n,            \
                              const double* k, double* a1, double* a2) {                       \
     row_sums_impl(p, stride, rows, n, k, a1, a2);                                             \
   }                                                                                           \
-  BNORM_CLONES void run_affine(const T* x, T* y, int64_t n, T hi, T sc, T of) {               \
-    run_affine_impl(x, y, n, hi, sc, of);                                                     \
+  BNORM_CLONES void run_affine(const T* x, T* y, int64_t stride, int64_t runs, int64_t n, T hi, \
+                               T sc, T of) {                                                  \
+    run_affine_impl(x, y, stride, runs, n, hi, sc, of);                                       \
   }                                                                                           \
   BNORM_CLONES void row_affine(const T* x, T* y, int64_t n, const T* hi, const T* sc,         \
                                const T* of) {                                                 \
     row_affine_impl(x, y, n, hi, sc, of);                                                     \
   }                                                                                           \
-  BNORM_CLONES void run_grad_sums(const T* dy, const T* x, int64_t n, double m, double& s1,   \
-                                  double& s2) {                                               \
-    run_grad_sums_impl(dy, x, n, m, s1, s2);                                                  \
+  BNORM_CLONES void run_grad_sums(const T* dy, const T* x, int64_t stride, int64_t runs,     \
+                                  int64_t n, double m, double& s1, double& s2) {              \
+    run_grad_sums_impl(dy, x, stride, runs, n, m, s1, s2);                                    \
   }                                                                                           \
   BNORM_CLONES void row_grad_sums(const T* dy, const T* x, int64_t stride, int64_t rows,     \
                                   int64_t n, const double* m, double* a1, double* a2) {       \
     row_grad_sums_impl(dy, x, stride, rows, n, m, a1, a2);                                    \
   }                                                                                           \
-  BNORM_CLONES void run_grad(const T* dy, const T* x, T* dx, int64_t n, T a, T hi, T b, T k) { \
-    run_grad_impl(dy, x, dx, n, a, hi, b, k);                                                 \
+  BNORM_CLONES void run_grad(const T* dy, const T* x, T* dx, int64_t stride, int64_t runs,    \
+                             int64_t n, T a, T hi, T b, T k) {                                \
+    run_grad_impl(dy, x, dx, stride, runs, n, a, hi, b, k);                                   \
   }                                                                                           \
   BNORM_CLONES void row_grad(const T* dy, const T* x, T* dx, int64_t n, const T* a,           \
                              const T* hi, const T* b, const T* k) {                           \
@@ -302,12 +395,29 @@ BNORM_OVERLOADS(double)
 
 // ---- work splitting --------------------------------------------------------------------------
 
+// Plane data with this many channels or more is split by channel: each channel's N runs in one
+// call (a fixed rule, so the split, and with it the result, does not depend on the thread count).
+constexpr int64_t kChannelsMin = 8;
+
+bool by_channel(const Geometry& g) { return !g.rows && g.c >= kChannelsMin; }
+
+int64_t channel_grain(const Geometry& g) {  // channels per task: enough values to wake the pool
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(g.count(), 1));
+}
+
 // Per-channel float64 sums of `term` over every value of the channel, for both geometries.
-// `run(p, c, s1, s2)` sums one plane run of channel c; `row(r, nr, c0, len, a1, a2)` adds
-// columns [c0, c0+len) of rows r .. r+nr-1 into a1/a2.
+// `run(offset, runs, c, s1, s2)` sums `runs` plane runs of channel c from element `offset`
+// (C*S apart); `row(r, nr, c0, len, a1, a2)` adds columns [c0, c0+len) of rows r .. r+nr-1
+// into a1/a2.
 template <typename Run, typename Row>
 void channel_sums(const Geometry& g, double* out1, double* out2, Run run, Row row) {
   const int64_t C = g.c;
+  if (by_channel(g)) {
+    at::parallel_for(0, C, channel_grain(g), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) run(c * g.s, g.n, c, out1[c], out2[c]);
+    });
+    return;
+  }
   if (!g.rows) {
     // One pair of sums per (sample, channel) run, then added per channel in sample order: the
     // result does not depend on how the runs were split across threads.
@@ -315,7 +425,7 @@ void channel_sums(const Geometry& g, double* out1, double* out2, Run run, Row ro
     std::vector<double> p1(P), p2(P);
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(g.s, 1));
     at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) run(p, p % C, p1[p], p2[p]);
+      for (int64_t p = begin; p < end; ++p) run(p * g.s, 1, p % C, p1[p], p2[p]);
     });
     for (int64_t c = 0; c < C; ++c) {
       double s1 = 0.0, s2 = 0.0;
@@ -360,14 +470,18 @@ void channel_sums(const Geometry& g, double* out1, double* out2, Run run, Row ro
   }
 }
 
-// An elementwise pass over both geometries: `run(p, c)` handles plane run p of channel c,
-// `row(r)` handles row r.
+// An elementwise pass over both geometries: `run(offset, runs, c)` handles `runs` plane runs of
+// channel c from element `offset`, `row(r)` handles row r.
 template <typename Run, typename Row>
 void elementwise(const Geometry& g, Run run, Row row) {
-  if (!g.rows) {
+  if (by_channel(g)) {
+    at::parallel_for(0, g.c, channel_grain(g), [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) run(c * g.s, g.n, c);
+    });
+  } else if (!g.rows) {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(g.s, 1));
     at::parallel_for(0, g.n * g.c, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) run(p, p % g.c);
+      for (int64_t p = begin; p < end; ++p) run(p * g.s, 1, p % g.c);
     });
   } else {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(g.c, 1));
@@ -410,20 +524,12 @@ inline bool far_shift(double k, double mean, double var) {
   return d * d > 9.0 * var;
 }
 
-// One plane channel's sums around k, its runs in sample order (the order channel_sums adds
-// them in, so every route gives the same bits).
+// One plane channel's sums around k, in one call over its N runs (as channel_sums takes them
+// when it splits by channel, so every route gives the same bits).
 template <typename T>
 void plane_channel_sums(const T* x, const Geometry& g, int64_t c, double k, double* s1,
                         double* s2) {
-  double t1 = 0.0, t2 = 0.0;
-  for (int64_t i = 0; i < g.n; ++i) {
-    double a, q;
-    run_sums(x + (i * g.c + c) * g.s, g.s, k, a, q);
-    t1 += a;
-    t2 += q;
-  }
-  *s1 = t1;
-  *s2 = t2;
+  run_sums(x + c * g.s, g.c * g.s, g.n, g.s, k, *s1, *s2);
 }
 
 // A plane channel's mean and variance from its sums around k, retaken around the mean when k
@@ -450,7 +556,9 @@ void statistics(const T* x, const Geometry& g, double* mean, double* var) {
   std::vector<double> s1(C), s2(C);
   channel_sums(
       g, s1.data(), s2.data(),
-      [&](int64_t p, int64_t c, double& a, double& b) { run_sums(x + p * S, S, k[c], a, b); },
+      [&](int64_t o, int64_t runs, int64_t c, double& a, double& b) {
+        run_sums(x + o, C * S, runs, S, k[c], a, b);
+      },
       [&](int64_t r, int64_t nr, int64_t c0, int64_t len, double* a, double* b) {
         row_sums(x + r * C + c0, C, nr, len, k.data() + c0, a, b);
       });
@@ -469,7 +577,9 @@ void transform(const T* x, T* y, const Geometry& g, const T* hi, const T* scale,
   const int64_t C = g.c, S = g.s;
   elementwise(
       g,
-      [&](int64_t p, int64_t c) { run_affine(x + p * S, y + p * S, S, hi[c], scale[c], off[c]); },
+      [&](int64_t o, int64_t runs, int64_t c) {
+        run_affine(x + o, y + o, C * S, runs, S, hi[c], scale[c], off[c]);
+      },
       [&](int64_t r) { row_affine(x + r * C, y + r * C, C, hi, scale, off); });
 }
 
@@ -479,8 +589,8 @@ void backward_reduce(const T* dy, const T* x, const Geometry& g, const double* m
   const int64_t C = g.c, S = g.s;
   channel_sums(
       g, sum_dy, sum_dy_xmu,
-      [&](int64_t p, int64_t c, double& a, double& b) {
-        run_grad_sums(dy + p * S, x + p * S, S, mean[c], a, b);
+      [&](int64_t o, int64_t runs, int64_t c, double& a, double& b) {
+        run_grad_sums(dy + o, x + o, C * S, runs, S, mean[c], a, b);
       },
       [&](int64_t r, int64_t nr, int64_t c0, int64_t len, double* a, double* b) {
         row_grad_sums(dy + r * C + c0, x + r * C + c0, C, nr, len, mean + c0, a, b);
@@ -493,25 +603,18 @@ void backward_elementwise(const T* dy, const T* x, T* dx, const Geometry& g, con
   const int64_t C = g.c, S = g.s;
   elementwise(
       g,
-      [&](int64_t p, int64_t c) {
-        run_grad(dy + p * S, x + p * S, dx + p * S, S, a[c], hi[c], b[c], k[c]);
+      [&](int64_t o, int64_t runs, int64_t c) {
+        run_grad(dy + o, x + o, dx + o, C * S, runs, S, a[c], hi[c], b[c], k[c]);
       },
       [&](int64_t r) { row_grad(dy + r * C, x + r * C, dx + r * C, C, a, hi, b, k); });
 }
 
 bool fused(const Geometry& g, int64_t itemsize) {
-  if (g.rows || g.s < 2) return false;
+  if (!by_channel(g) || g.s < 2) return false;
   const int64_t channel_bytes = g.count() * itemsize;
   // channels to share out: without a few per thread one thread would do the last alone
   return channel_bytes <= kFusedBytes && g.c >= 4 * at::get_num_threads();
 }
-
-namespace {
-// Channels per task: enough values that waking the pool pays.
-int64_t channel_grain(const Geometry& g) {
-  return std::max<int64_t>(1, kGrain / std::max<int64_t>(g.count(), 1));
-}
-}  // namespace
 
 template <typename T>
 void train_forward(const T* x, T* y, const Geometry& g, const double* w, const double* b,
@@ -525,10 +628,7 @@ void train_forward(const T* x, T* y, const Geometry& g, const double* w, const d
       plane_channel_sums(x, g, c, k, &s1, &s2);
       plane_channel_moments(x, g, c, k, s1, s2, &mean[c], &var[c]);
       const AffineCoef<T> f(mean[c], w[c] * invstd_of(var[c], eps), b[c]);
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t o = (i * C + c) * S;
-        run_affine(x + o, y + o, S, f.hi, f.sc, f.of);
-      }
+      run_affine(x + c * S, y + c * S, C * S, N, S, f.hi, f.sc, f.of);
     }
   });
 }
@@ -540,21 +640,12 @@ void train_backward(const T* dy, const T* x, T* dx, const Geometry& g, const dou
   const double n = static_cast<double>(g.count());
   at::parallel_for(0, C, channel_grain(g), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t o = (i * C + c) * S;
-        double a, q;
-        run_grad_sums(dy + o, x + o, S, mean[c], a, q);
-        s1 += a;
-        s2 += q;
-      }
+      double s1, s2;
+      run_grad_sums(dy + c * S, x + c * S, C * S, N, S, mean[c], s1, s2);
       sum_dy[c] = s1;
       sum_dy_xmu[c] = s2;
       const GradCoef<T> f(mean[c], invstd[c], w[c], s1, s2, n);
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t o = (i * C + c) * S;
-        run_grad(dy + o, x + o, dx + o, S, f.a, f.hi, f.b, f.k);
-      }
+      run_grad(dy + c * S, x + c * S, dx + c * S, C * S, N, S, f.a, f.hi, f.b, f.k);
     }
   });
 }

@@ -11,9 +11,15 @@
 //   planes: a contiguous (N, C, S) tensor, S > 1: N*C runs of S values, one channel each;
 //   rows:   (M, C) rows of C values (channels_last, channels_last_3d, or contiguous with S == 1).
 //
-// Precision: sums are float64, taken on x - k with k one sample of the channel, so data far
-// from zero relative to its spread keeps its digits. The elementwise steps subtract hi = the
-// mean rounded to the data's type first: near the data that subtraction is exact (Sterbenz).
+// Precision: sums are taken on x - k with k near the channel's data (the mean of its first value
+// in up to 16 samples), so data far from zero relative to its spread keeps its digits; they
+// are float64, except that float32 plane runs are summed in float32 blocks of at most 17 terms
+// per lane, added in float64 (the channel's sums are taken again around its mean when k was
+// more than 3 standard deviations from it). The elementwise steps subtract hi = the mean
+// rounded to the data's type first: near the data that subtraction is exact (Sterbenz).
+//
+// Plane data with 8 channels or more is split by channel (each channel's N runs in one call);
+// fewer channels, by run. Either way the result does not depend on the thread count.
 #pragma once
 
 #include <cmath>
