@@ -241,19 +241,26 @@ def test_results_do_not_depend_on_the_thread_count(shape, cl, threads):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_statistics_retake_a_shift_far_from_the_mean(fused):
+@pytest.mark.parametrize("layout", ["planes", "planes, fused", "channels_last", "(N, C)"])
+def test_statistics_retake_a_shift_far_from_the_mean(layout):
     """The shift of the float32 block sums comes from the first value of the first samples; when
     those are outliers (here 1e4 above a channel of mean 5, std 1), the rounding of sums around
     it would grow with (mean - k)^2, so the channel's sums are taken again around its mean."""
-    c = 16 if fused else 2  # few channels: the separate steps; many: the fused loops
-    x = _x((20, c, 16, 16), offset=5.0, dtype=torch.float32, seed=3)
-    x[:16, :, 0, 0] += 1e4
+    c = 16 if layout == "planes, fused" else 2  # few channels: by run; many: fused by channel
+    if layout == "(N, C)":
+        x = _x((5120, c), offset=5.0, dtype=torch.float32, seed=3)
+        x[:16] += 1e4
+    else:
+        x = _x((20, c, 16, 16), offset=5.0, dtype=torch.float32, seed=3)
+        x[:16, :, 0, 0] += 1e4
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
     mean, var = torch.ops.bnorm.stats(x)
     y, mean_t, var_t = torch.ops.bnorm.batch_norm_train(x, None, None, 1e-5)
     x64 = x.double().numpy()
-    want_mean = x64.mean(axis=(0, 2, 3))
-    want_var = x64.var(axis=(0, 2, 3))
+    axes = (0,) if x.dim() == 2 else (0, 2, 3)
+    want_mean = x64.mean(axis=axes)
+    want_var = x64.var(axis=axes)
     # measured: around the mean, the means are within 4e-9 standard deviations; without the
     # retake (sums around the outliers) 1.1e-7
     for m, v in [(mean, var), (mean_t, var_t)]:
