@@ -334,19 +334,22 @@ std::tuple<Tensor, Tensor, Tensor> train_cpu(const Tensor& input, const optional
   TORCH_CHECK(eps > 0, "bnorm::batch_norm_train: eps must be positive, got ", eps);
   Tensor xd = dense(input);
   const auto g = geometry(xd);
+  Vec mean, var;
+  Tensor y;
   if (g.numel() > 0 && cpu::fused(g, xd.element_size())) {
-    // statistics and transform per channel while it is in cache (the same numbers, bit for bit)
-    Vec mean(C), var(C);
+    // statistics and transform per channel while it is in cache (bit for bit the two steps)
+    mean.resize(C);
+    var.resize(C);
     const Vec w = per_channel64(weight, C, 1.0), b = per_channel64(bias, C, 0.0);
-    Tensor y = empty_output(xd);
+    y = empty_output(xd);
     AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::batch_norm_train", [&] {
       cpu::train_forward<scalar_t>(xd.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                    g, w.data(), b.data(), eps, mean.data(), var.data());
     });
-    return {as_output(y, input), to_tensor(mean, at::kDouble), to_tensor(var, at::kDouble)};
+  } else {
+    std::tie(mean, var) = stats_impl(xd);
+    y = transform_impl(xd, mean, invstd_of(var, eps), weight, bias);
   }
-  auto [mean, var] = stats_impl(xd);
-  Tensor y = transform_impl(xd, mean, invstd_of(var, eps), weight, bias);
   return {as_output(y, input), to_tensor(mean, at::kDouble), to_tensor(var, at::kDouble)};
 }
 
@@ -384,23 +387,20 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_out, const Te
   const int64_t count = xd.numel() / std::max<int64_t>(C, 1);
   Vec sum_dy(C, 0.0), sum_dy_xmu(C, 0.0);
   const auto g = geometry(xd);
-  if (train && output_mask[0] && count > 0 && cpu::fused(g, xd.element_size())) {
-    // reductions and dx per channel while it is in cache (the same numbers, bit for bit)
-    Tensor dx = empty_output(xd);
+  const bool fused = train && output_mask[0] && count > 0 && cpu::fused(g, xd.element_size());
+  if (!fused && (output_mask[1] || output_mask[2] || (output_mask[0] && train))) {
+    std::tie(sum_dy, sum_dy_xmu) = reduce_impl(dyd, xd, mean64);
+  }
+  Tensor dx;
+  if (fused) {  // reductions and dx per channel while it is in cache (bit for bit the two steps)
+    dx = empty_output(xd);
     AT_DISPATCH_FLOATING_TYPES(xd.scalar_type(), "bnorm::batch_norm_backward", [&] {
       cpu::train_backward<scalar_t>(dyd.const_data_ptr<scalar_t>(), xd.const_data_ptr<scalar_t>(),
                                     dx.mutable_data_ptr<scalar_t>(), g, mean64.data(),
                                     invstd64.data(), w64.data(), sum_dy.data(), sum_dy_xmu.data());
     });
-    for (int64_t c = 0; c < C; ++c) sum_dy_xmu[c] *= invstd64[c];  // = dweight
-    return {as_output(dx, input), to_tensor(sum_dy_xmu, param_type),
-            to_tensor(sum_dy, param_type)};
-  }
-  if (output_mask[1] || output_mask[2] || (output_mask[0] && train)) {
-    std::tie(sum_dy, sum_dy_xmu) = reduce_impl(dyd, xd, mean64);
-  }
-  Tensor dx;
-  if (!output_mask[0]) {
+    dx = as_output(dx, input);
+  } else if (!output_mask[0]) {
     dx = at::empty_like(input);
   } else if (count == 0) {
     dx = at::zeros_like(input);

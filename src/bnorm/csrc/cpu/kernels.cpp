@@ -40,9 +40,9 @@ constexpr int64_t kFusedBytes = 256 * 1024;
 
 // ---- innermost loops -------------------------------------------------------------------------
 // The float64 reductions keep kLanes partial sums per quantity in a fixed array: the compiler
-// holds them in four AVX2 registers each (two with AVX-512), so the adds of consecutive values
+// holds them in four AVX2 registers each, so the adds of consecutive values
 // do not wait on each other's latency, and the float -> double conversions overlap. (An `omp
-// simd reduction` left GCC with two registers per sum: a third of this speed, measured.)
+// simd reduction` left GCC with two registers per sum: about half this speed, measured.)
 // Each is instantiated for float and double through the overload set below; target_clones is put
 // on the non-template overloads, which GCC versions reliably.
 
@@ -99,11 +99,10 @@ BNORM_INLINE void run_sums_impl(const T* p, int64_t stride, int64_t runs, int64_
 }
 
 // float32 runs: blocks of values are summed in float32, in kLanesF lanes (no conversion in the
-// loop: three times the float64 loop's speed, measured), and each block's lane sums are added
-// in float64. Each lane adds at most kTerms + 1 = 17 terms and the fold two more,
-// so a block's sum of squares is within 20 float32 roundings (1.2e-6) of exact, relative, in
-// the worst case, and the
-// statistics keep their digits because the terms are small: x - k with k near the data
+// loop: about twice the float64 loop's speed), and each block's lane sums are added in
+// float64. Each lane adds at most kTerms + 1 = 17 terms and the fold two more, so a block's sum
+// of squares is within 20 float32 roundings (1.2e-6) of exact, relative, in the worst case, and
+// the statistics keep their digits because the terms are small: x - k with k near the data
 // (see shift_of and statistics' retake), exact by Sterbenz's lemma when x is within a factor 2
 // of k, as data far from zero is.
 constexpr int64_t kLanesF = 32;
