@@ -21,7 +21,18 @@ from bnorm.lab.train import fit, seed_all
 
 def main(out: str) -> None:
     torch.set_num_threads(1)
-    bd.init_from_env(timeout=60)
+    # process_group_from_env leaves the gloo group after every rank is done: a group still alive
+    # at interpreter exit can abort a rank that had nothing left to do ("terminate called
+    # without an active exception", seen in CI when this worker called init_from_env alone).
+    with bd.process_group_from_env(timeout=60):
+        record = _train()
+        if bd.is_main_process():
+            record["world_size"] = bd.world_size()
+            with open(out, "w") as f:
+                json.dump(record, f)
+
+
+def _train() -> dict:
     generator = seed_all(0)
     model = nn.Sequential(nn.Linear(40, 32), bnorm.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -34,16 +45,13 @@ def main(out: str) -> None:
         generator=generator,
         eval_every=10,
     )
-    if bd.is_main_process():
-        bn = model[1]
-        assert type(bn) is bnorm.BatchNorm1d  # the local layer is back after the fit
-        record = history.to_json()
-        record["running_mean"] = bn.running_mean.tolist()
-        record["running_var"] = bn.running_var.tolist()
-        record["num_batches_tracked"] = int(bn.num_batches_tracked)
-        record["world_size"] = bd.world_size()
-        with open(out, "w") as f:
-            json.dump(record, f)
+    bn = model[1]
+    assert type(bn) is bnorm.BatchNorm1d  # the local layer is back after the fit
+    record = history.to_json()
+    record["running_mean"] = bn.running_mean.tolist()
+    record["running_var"] = bn.running_var.tolist()
+    record["num_batches_tracked"] = int(bn.num_batches_tracked)
+    return record
 
 
 if __name__ == "__main__":
