@@ -94,6 +94,24 @@ def _opcheck_cases():
     args = (x(), w(), b(), rm.double(), rv.double(), nbt, True, 0.1, 1e-5)
     yield "batch_norm", o.batch_norm, args
     yield "batch_norm-eval", o.batch_norm, (x(), w(), b(), mean(), var(), None, False, 0.1, 1e-5)
+    # the remedies' one-node operators (bnorm.modules.renorm / ghost; Python composites)
+    rm, rv, nbt = stats()
+    xr = (x() * 2 + 1).requires_grad_()  # r and d clip at these limits
+    yield (
+        "batch_renorm",
+        o.batch_renorm,
+        (xr, w(), b(), rm.double(), rv.double(), nbt, 1.2, 0.5, 0.1, 1e-5),
+    )
+    rm, rv, nbt = stats()
+    # (x without requires_grad: opcheck's fake cross-check of a chunk of such an x, a non-leaf
+    # view, reads its .grad and warns inside torch)
+    args = (x(), w().requires_grad_(), b(), rm.double(), rv.double(), nbt, 3, 0.1, 1e-5)
+    yield "ghost_batch_norm", o.ghost_batch_norm, args
+    yield (
+        "ghost_batch_norm-nostats",
+        o.ghost_batch_norm,
+        (xcl(), None, None, None, None, None, 2, 0.1, 1e-5),
+    )
 
 
 @pytest.mark.parametrize(
@@ -256,7 +274,7 @@ def test_statistics_retake_a_shift_far_from_the_mean(layout):
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
     mean, var = torch.ops.bnorm.stats(x)
-    y, mean_t, var_t = torch.ops.bnorm.batch_norm_train(x, None, None, 1e-5)
+    _, mean_t, var_t = torch.ops.bnorm.batch_norm_train(x, None, None, 1e-5)
     x64 = x.double().numpy()
     axes = (0,) if x.dim() == 2 else (0, 2, 3)
     want_mean = x64.mean(axis=axes)

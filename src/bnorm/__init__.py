@@ -25,7 +25,7 @@ Importing :mod:`bnorm` is cheap: the names above are imported on first use (PEP 
 BatchNorm2d``, ``bnorm.BatchNorm2d`` and ``import bnorm.functional`` work as with eager imports.
 Where torch is already imported, ``import bnorm`` registers the operators at once (so that
 ``torch.jit.load`` finds ``torch.ops.bnorm.*`` in a saved model); otherwise the first use of
-any layer does, or ``import bnorm.ops``.
+any layer does, or ``import bnorm.modules``.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def __dir__() -> list[str]:
 
 
 if "torch" in sys.modules:  # torch is loaded anyway: register the operators now
+    from . import modules as _modules  # batch_renorm, ghost_batch_norm: defined with the layers
     from . import ops as ops
 
 if TYPE_CHECKING:  # the same names, for type checkers and documentation tools

@@ -13,6 +13,8 @@ from bnorm import reference as ref
 from bnorm import reference_remedies as rr
 from bnorm.modules.renorm import PAPER_D_MAX, PAPER_R_MAX
 
+_TORCH_JIT_DEPRECATED = r"ignore:.*torch\.jit.* is deprecated:DeprecationWarning"  # torch's
+
 LAYERS = [
     (bnorm.BatchRenorm1d, nn.BatchNorm1d, (7, 4)),
     (bnorm.BatchRenorm1d, nn.BatchNorm1d, (3, 4, 5)),
@@ -97,6 +99,8 @@ def test_r_max_1_d_max_0_is_batch_norm(cls, torch_cls, shape):
     assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-6)
 
 
+# forward-mode AD loads torch's decompositions, which call the deprecated torch.jit.script
+@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATED)
 def test_gradcheck():
     from bnorm.modules.renorm import batch_renorm
 
@@ -115,7 +119,66 @@ def test_gradcheck():
     x = torch.randn(5, 3, 2, dtype=torch.float64).requires_grad_()
     w = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_()
     b = torch.randn(3, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradcheck(f, (x, w, b), check_forward_ad=True, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(f, (x, w, b), check_batched_grad=True)
+
+
+def _renorm_fixed_r_d(x, w, b, r, d, eps):
+    """Renorm with r and d given: float64 aten ops, the paper's derivative by autograd."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    xhat = (x - mean) * torch.rsqrt(var + eps)
+    return w.view(shape) * (xhat * r.view(shape) + d.view(shape)) + b.view(shape)
+
+
+@pytest.mark.filterwarnings(_TORCH_JIT_DEPRECATED)
+def test_derivatives_of_every_order_hold_r_and_d_constant():
+    """Where r and d are not clipped they depend on x, and the paper's derivative ignores
+    that: forward-mode tangents, first and second reverse derivatives all equal those of the
+    same function with r and d given as constants."""
+    from torch.autograd import forward_ad as fwAD
+
+    from bnorm.modules.renorm import batch_renorm
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 3, 4, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_()
+    w = torch.rand(3, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    rm = torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64)
+    rv = torch.tensor([2.0, 3.0, 5.0], dtype=torch.float64)
+    eps = 1e-5
+    with torch.no_grad():  # r and d of this batch, inside the limits (not clipped)
+        var, mean = torch.var_mean(x, [0, 2], correction=0)
+        r, d = torch.sqrt(var + eps) / torch.sqrt(rv + eps), (mean - rm) / torch.sqrt(rv + eps)
+    assert bool((r > 1 / 3).all() and (r < 3).all() and (d.abs() < 5).all())
+
+    def ours(x_, w_, b_):
+        return batch_renorm(
+            x_, rm.clone(), rv.clone(), w_, b_, r_max=3.0, d_max=5.0, momentum=0.1, eps=eps
+        )
+
+    def fixed(x_, w_, b_):
+        return _renorm_fixed_r_d(x_, w_, b_, r, d, eps)
+
+    tx, tw, tb = (torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (x, w, b))
+    tangents = []
+    for f in (ours, fixed):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p.detach(), t) for p, t in ((x, tx), (w, tw), (b, tb))]
+            tangents.append(fwAD.unpack_dual(f(*duals)).tangent)
+    assert_close(tangents[0], tangents[1], atol=1e-12, rtol=1e-10, what="forward-mode tangent")
+
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    results = []
+    for f in (ours, fixed):
+        first = torch.autograd.grad(f(x, w, b), (x, w, b), v, create_graph=True)
+        # a second derivative: of <first, tangents> with respect to x, w and b
+        inner = sum((gr * t).sum() for gr, t in zip(first, (tx, tw, tb), strict=True))
+        second = torch.autograd.grad(inner, (x, w, b), allow_unused=True, materialize_grads=True)
+        results.append([t.detach() for t in (*first, *second)])
+    for a, e, what in zip(*results, ["dx", "dw", "db", "ddx", "ddw", "ddb"], strict=True):
+        assert_close(a, e, atol=1e-11, rtol=1e-9, what=what)
 
 
 def test_eval_is_batch_norm_eval():

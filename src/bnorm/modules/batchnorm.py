@@ -13,8 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .. import _checks
-from .. import functional
+from .. import _checks, functional
 from ..functional import batch_norm_unchecked, plain_eval_call
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]

@@ -90,6 +90,36 @@ def ghost_batch_norm(
     return torch.cat(outputs, dim=0)
 
 
+# One operator for the tools that record a layer as one node (TorchScript, jit.trace, FX):
+# its kernel is ghost_batch_norm above, as aten and bnorm operators (CompositeImplicitAutograd).
+_LIBRARY = torch.library.Library("bnorm", "FRAGMENT")
+_LIBRARY.define(
+    "ghost_batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+    "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, SymInt virtual_batch_size, "
+    "float? momentum, float eps) -> Tensor"
+)
+
+
+def _ghost_batch_norm_kernel(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    virtual_batch_size: int,
+    momentum: float | None,
+    eps: float,
+) -> Tensor:
+    return ghost_batch_norm(
+        input, running_mean, running_var, weight, bias, virtual_batch_size=virtual_batch_size,
+        momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
+    )  # fmt: skip
+
+
+_LIBRARY.impl("ghost_batch_norm", _ghost_batch_norm_kernel, "CompositeImplicitAutograd")
+
+
 _GHOST_DOC = r"""
 
     Training: consecutive chunks of ``virtual_batch_size`` samples (dim 0; the last may be
@@ -142,6 +172,10 @@ class _GhostBatchNormBase(_BatchNormBase):
         self.virtual_batch_size = virtual_batch_size
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._op_forward(input)
+        if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
+            return self._op_forward(input)  # symbolic tracing, jit.trace: one node, no checks
         use_batch_stats = self.training or self.running_mean is None
         if not use_batch_stats or self._uses_running_stats_for(input):
             return super().forward(input)
@@ -161,6 +195,23 @@ class _GhostBatchNormBase(_BatchNormBase):
             on_nonfinite=self.on_nonfinite,
             layer=self._layer_name(),
         )
+
+    def _op_forward(self, input: Tensor) -> Tensor:
+        """The layer as one operator (TorchScript, jit.trace, FX): ``torch.ops.bnorm.batch_norm``
+        where the running statistics normalize, else ``torch.ops.bnorm.ghost_batch_norm``."""
+        if not (self.training or self.running_mean is None):
+            return torch.ops.bnorm.batch_norm(
+                input, self.weight, self.bias, self.running_mean, self.running_var, None,
+                False, self.momentum, self.eps,
+            )  # fmt: skip
+        update = self.training and self.track_running_stats
+        return torch.ops.bnorm.ghost_batch_norm(
+            input, self.weight, self.bias,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.num_batches_tracked if update else None,
+            self.virtual_batch_size, self.momentum, self.eps,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

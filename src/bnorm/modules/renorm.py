@@ -17,16 +17,16 @@ when the running statistics are still poor, close to plain batch norm.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import ops
 from .._remedies_common import as_supported_layout, layout_of, values_per_channel
-from ..functional import batch_norm_unchecked, update_running_stats
+from ..functional import batch_norm_unchecked, composite_wanted, update_running_stats
 from .batchnorm import _BatchNormBase
 
 __all__ = [
@@ -113,60 +113,113 @@ def batch_renorm(
             momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
             on_nonfinite=on_nonfinite, layer=layer,
         )  # fmt: skip
+    # Under torch.compile/export, torch.func and forward-mode AD: aten ops throughout (inductor
+    # fuses them; forward AD gets its tangent from them), the statistics differentiable.
+    composite = composite_wanted()
+    if composite:
+        mean, var = ops.composite_stats(x)
+    else:
+        with torch.no_grad():
+            mean, var = ops.statistics(x.detach())
     with torch.no_grad():
-        mean, var = ops.statistics(x.detach())
         sigma = torch.sqrt(running_var.detach().to(torch.float64) + eps)
-        invstd = torch.rsqrt(var + eps)
-        r = torch.clamp(torch.sqrt(var + eps) / sigma, 1.0 / r_max, r_max)
-        d = torch.clamp((mean - running_mean.detach().to(torch.float64)) / sigma, -d_max, d_max)
+        r = torch.clamp(torch.sqrt(var.detach() + eps) / sigma, 1.0 / r_max, r_max)
+        d = torch.clamp(
+            (mean.detach() - running_mean.detach().to(torch.float64)) / sigma, -d_max, d_max
+        )
     # r and d are taken from the running statistics before this batch moves them (Algorithm 1).
     update_running_stats(
-        running_mean, running_var, mean, var, count, momentum, num_batches_tracked,
-        on_nonfinite, layer,
+        running_mean, running_var, mean.detach(), var.detach(), count, momentum,
+        num_batches_tracked, on_nonfinite, layer,
     )  # fmt: skip
+    if composite:
+        scale, shift = _affine(weight, bias, r, d)  # differentiable in γ and β
+        return ops.composite_transform(x, mean, torch.rsqrt(var + eps), scale, shift)
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias)
     ):
-        return _BatchRenormFunction.apply(x, weight, bias, mean, invstd, r, d)
+        return _BatchRenormFunction.apply(x, weight, bias, mean, var, r, d, eps)
     scale, shift = _affine(weight, bias, r, d)
-    return ops.transform(x, mean, invstd, scale, shift)
+    return ops.transform(x, mean, torch.rsqrt(var + eps), scale, shift)
 
 
 def _affine(
     weight: Tensor | None, bias: Tensor | None, r: Tensor, d: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """With r, d fixed, renorm is batch norm with scale γ·r and shift γ·d + β (float64)."""
-    g = r.new_ones(r.shape) if weight is None else weight.detach().to(torch.float64)
-    b = r.new_zeros(r.shape) if bias is None else bias.detach().to(torch.float64)
+    """With r, d fixed, renorm is batch norm with scale γ·r and shift γ·d + β (float64;
+    differentiable in γ and β where autograd records)."""
+    g = r.new_ones(r.shape) if weight is None else weight.to(torch.float64)
+    b = r.new_zeros(r.shape) if bias is None else bias.to(torch.float64)
     return g * r, g * d + b
 
 
 class _BatchRenormFunction(torch.autograd.Function):
-    """``y = γ(x̂ r + d) + β`` with r, d constant; backward by bnorm's batch-norm operators."""
+    """``y = γ(x̂ r + d) + β`` with r, d constant; backward by bnorm's batch-norm operators,
+    or, when a second derivative is asked for, by a differentiable graph of aten ops."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, r, d):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, mean, var, r, d, eps):  # type: ignore[override]
+        invstd = torch.rsqrt(var + eps)
         scale, shift = _affine(weight, bias, r, d)
-        ctx.save_for_backward(x, weight, bias, mean, invstd, r, d, scale)
+        ctx.save_for_backward(x, weight, bias, mean, var, invstd, r, d, scale)
+        ctx.eps = eps
         return ops.transform(x, mean, invstd, scale, shift)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x, weight, bias, mean, invstd, r, d, scale = ctx.saved_tensors
+        x, weight, bias, mean, var, invstd, r, d, scale = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dy = dy.contiguous(memory_format=layout_of(x))
-        sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean)
-        dx = None
-        if need_x:
+        if torch.is_grad_enabled() or composite_wanted():
+            # create_graph (or vmap over the backward): the same gradient as aten ops of x, γ
+            # and dy (the statistics recomputed from x around the saved mean), which can be
+            # differentiated again and batched
+            scale_of = _affine(weight, None, r, d)[0]  # γ·r, differentiable in γ
+            dx, sum_dy_xhat, sum_dy = ops.composite_backward(
+                dy, x, scale_of, mean, var, ctx.eps, train=True
+            )
+        else:
+            dy = dy.contiguous(memory_format=layout_of(x))
+            sum_dy, sum_dy_xmu = ops.backward_reduce(dy, x, mean)
             # x̂·r with r constant: plain batch norm's input gradient with the scale γ·r.
             dx = ops.backward_elementwise(
                 dy, x, mean, invstd, scale, sum_dy, sum_dy_xmu, values_per_channel(x)
             )
+            sum_dy_xhat = sum_dy_xmu * invstd
         # ∂L/∂γ = Σ dy·(x̂ r + d) = r·Σ dy·x̂ + d·Σ dy;  ∂L/∂β = Σ dy.
-        dweight = (r * sum_dy_xmu * invstd + d * sum_dy).to(weight.dtype) if need_w else None
+        dweight = (r * sum_dy_xhat + d * sum_dy).to(weight.dtype) if need_w else None
         dbias = sum_dy.to(bias.dtype) if need_b else None
-        return dx, dweight, dbias, None, None, None, None
+        return (dx if need_x else None), dweight, dbias, None, None, None, None, None
+
+
+# One operator for the tools that record a layer as one node (TorchScript, jit.trace, FX):
+# its kernel is batch_renorm above, as aten and bnorm operators (CompositeImplicitAutograd).
+_LIBRARY = torch.library.Library("bnorm", "FRAGMENT")
+_LIBRARY.define(
+    "batch_renorm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, "
+    "Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float r_max, float d_max, "
+    "float? momentum, float eps) -> Tensor"
+)
+
+
+def _batch_renorm_kernel(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    r_max: float,
+    d_max: float,
+    momentum: float | None,
+    eps: float,
+) -> Tensor:
+    return batch_renorm(
+        input, running_mean, running_var, weight, bias, r_max=r_max, d_max=d_max,
+        momentum=momentum, eps=eps, num_batches_tracked=num_batches_tracked,
+    )  # fmt: skip
+
+
+_LIBRARY.impl("batch_renorm", _batch_renorm_kernel, "CompositeImplicitAutograd")
 
 
 _RENORM_DOC = r"""
@@ -197,7 +250,8 @@ _RENORM_DOC = r"""
         bias, on_nonfinite, small_batch: as :class:`bnorm.BatchNorm2d` (keyword only).
 
     The running statistics are required (there is no ``track_running_stats=False``: r and d
-    are defined by them). Double backward is not supported.
+    are defined by them). Derivatives of every order (double backward, forward-mode AD) treat
+    r and d as constants, as the paper's backward does.
 """
 
 
@@ -222,6 +276,11 @@ class _BatchRenormBase(_BatchNormBase):
             )
         self._r_max = _resolve(name, "r_max", r_max)
         self._d_max = _resolve(name, "d_max", d_max)
+        # the limits as numbers for the one-operator path (TorchScript compiles floats, not
+        # callables); NaN where a schedule gives them
+        self._r_limit = float("nan") if callable(self._r_max) else self._r_max
+        self._d_limit = float("nan") if callable(self._d_max) else self._d_max
+        self._label = name  # for that path's message (TorchScript cannot call _layer_name)
         super().__init__(num_features, eps, momentum, affine, True, device, dtype, **kwargs)
 
     def limits(self, step: int | None = None) -> tuple[float, float]:
@@ -235,6 +294,10 @@ class _BatchRenormBase(_BatchNormBase):
         return _check_limit(name, "r_max", float(r)), _check_limit(name, "d_max", float(d))
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._op_forward(input)
+        if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
+            return self._op_forward(input)  # symbolic tracing, jit.trace: one node, no checks
         if not self.training or self._uses_running_stats_for(input):
             return super().forward(input)
         self._check_input(input, True)
@@ -253,6 +316,27 @@ class _BatchRenormBase(_BatchNormBase):
             on_nonfinite=self.on_nonfinite,
             layer=self._layer_name(),
         )
+
+    def _op_forward(self, input: Tensor) -> Tensor:
+        """The layer as one operator (TorchScript, jit.trace, FX): ``torch.ops.bnorm.batch_norm``
+        in evaluation, ``torch.ops.bnorm.batch_renorm`` in training. Scheduled limits are
+        Python functions of the step, which a recorded graph cannot follow: they raise here."""
+        if not self.training:
+            return torch.ops.bnorm.batch_norm(
+                input, self.weight, self.bias, self.running_mean, self.running_var, None,
+                False, self.momentum, self.eps,
+            )  # fmt: skip
+        if math.isnan(self._r_limit) or math.isnan(self._d_limit):
+            raise RuntimeError(
+                self._label
+                + ": r_max/d_max follow a schedule (a Python function of the step), which "
+                "TorchScript, jit.trace and FX cannot record in training mode; give numbers "
+                "(e.g. the schedule's final values) to script or trace a training graph"
+            )
+        return torch.ops.bnorm.batch_renorm(
+            input, self.weight, self.bias, self.running_mean, self.running_var,
+            self.num_batches_tracked, self._r_limit, self._d_limit, self.momentum, self.eps,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         def text(v: object) -> str:
