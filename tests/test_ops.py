@@ -231,10 +231,11 @@ def test_update_operator_and_composite_agree(momentum):
 # ---- precision far from zero, threads -------------------------------------------------------
 
 
+@pytest.mark.parametrize("spatial", [6, 4, 2], ids=["6x6", "4x4 (as rows)", "2x2 (as rows)"])
 @pytest.mark.parametrize("cl", [False, True])
 @pytest.mark.parametrize("offset", [1e4, 1e5])
-def test_float32_far_from_zero_keeps_its_digits(offset, cl):
-    x = _x((16, 8, 6, 6), cl=cl, offset=offset, dtype=torch.float32)
+def test_float32_far_from_zero_keeps_its_digits(offset, cl, spatial):
+    x = _x((16, 8, spatial, spatial), cl=cl, offset=offset, dtype=torch.float32)
     layer = bnorm.BatchNorm2d(8)
     y = layer(x).detach()
     x64 = x.double()
@@ -244,7 +245,10 @@ def test_float32_far_from_zero_keeps_its_digits(offset, cl):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape,cl", [((64, 32, 40, 40), False), ((64, 32, 40, 40), True)])
+@pytest.mark.parametrize(
+    "shape,cl",
+    [((64, 32, 40, 40), False), ((64, 32, 40, 40), True), ((512, 64, 4, 4), False)],
+)
 def test_results_do_not_depend_on_the_thread_count(shape, cl, threads):
     before = torch.get_num_threads()
     x = _x(shape, cl=cl, dtype=torch.float32, offset=1.0)
@@ -259,7 +263,9 @@ def test_results_do_not_depend_on_the_thread_count(shape, cl, threads):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("layout", ["planes", "planes, fused", "channels_last", "(N, C)"])
+@pytest.mark.parametrize(
+    "layout", ["planes", "planes, fused", "small planes (as rows)", "channels_last", "(N, C)"]
+)
 def test_statistics_retake_a_shift_far_from_the_mean(layout):
     """The shift of the float32 block sums comes from the first value of the first samples; when
     those are outliers (here 1e4 above a channel of mean 5, std 1), the rounding of sums around
@@ -268,6 +274,9 @@ def test_statistics_retake_a_shift_far_from_the_mean(layout):
     if layout == "(N, C)":
         x = _x((5120, c), offset=5.0, dtype=torch.float32, seed=3)
         x[:16] += 1e4
+    elif layout == "small planes (as rows)":  # float64 row sums: no retake needed
+        x = _x((320, 16, 4, 4), offset=5.0, dtype=torch.float32, seed=3)
+        x[:16, :, 0, 0] += 1e4
     else:
         x = _x((20, c, 16, 16), offset=5.0, dtype=torch.float32, seed=3)
         x[:16, :, 0, 0] += 1e4

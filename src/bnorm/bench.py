@@ -83,6 +83,7 @@ DEFAULT_CASES = [
     Case("NCHW", (64, 64, 28, 28)),
     Case("NCHW", (32, 256, 14, 14)),
     Case("NCHW", (128, 64, 56, 56)),
+    Case("NCHW", (128, 512, 4, 4)),  # small planes: a CIFAR ResNet's last stage
     Case("channels_last", (64, 64, 28, 28)),
     Case("channels_last", (32, 256, 14, 14)),
 ]
