@@ -113,7 +113,7 @@ def __dir__() -> list[str]:
 
 
 if "torch" in sys.modules:  # torch is loaded anyway: register the operators now
-    from . import modules as _modules  # batch_renorm, ghost_batch_norm: defined with the layers
+    from . import modules as modules  # batch_renorm, ghost_batch_norm: defined with the layers
     from . import ops as ops
 
 if TYPE_CHECKING:  # the same names, for type checkers and documentation tools

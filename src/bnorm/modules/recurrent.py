@@ -336,6 +336,16 @@ class BNLSTM(nn.Module):
             raise ValueError(f"{name}: expected input size {self.input_size}, got {x.shape[2]}")
         steps, batch = x.shape[0], x.shape[1]
         h, c = self._initial_state(name, x, hx)
+        if not packed and lengths is None:
+            # Every sequence runs every step: no reordering and no per-step counts read from
+            # the data, so torch.compile and torch.export see a loop of fixed shapes.
+            outputs = []
+            for t in range(steps):
+                h, c = self.cell(x[t], (h, c), t)
+                outputs.append(h)
+            out = torch.stack(outputs) if steps else x.new_zeros(0, batch, self.hidden_size)
+            state = (h.unsqueeze(0), c.unsqueeze(0))
+            return (out.transpose(0, 1) if self.batch_first else out), state
         # Longest sequences first: the sequences running at step t are then the first b_t rows.
         order = torch.argsort(lens, descending=True, stable=True)
         inverse = torch.argsort(order)
