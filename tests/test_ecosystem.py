@@ -547,14 +547,27 @@ _LSTM_TOOLS = {
     "export": lambda m, x: torch.export.export(m, (x,)).module()(x),
     "trace": lambda m, x: torch.jit.trace(m, x, check_trace=False)(x),
     "script": lambda m, x: torch.jit.script(m)(x),
-    "fx": lambda m, x: torch.fx.symbolic_trace(m)(x),
+    "fx": lambda m, x: torch.fx.symbolic_trace(_Holder(m))(x),
 }
+
+
+class _Holder(nn.Module):
+    """A model holding the layer (FX records a held BNLSTM as one call, as it records
+    torch's nn.LSTM)."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x):
+        return self.lstm(x)
+
+
 # where torch's nn.LSTM works and BNLSTM does not yet: its forward handles packed sequences and
-# per-step lengths in Python (TorchScript cannot compile it, and FX, which keeps torch's own
-# nn.LSTM as a leaf module, traces into its input checks)
+# per-step lengths in Python, which TorchScript cannot compile (FX records it as one call of
+# the module, as it records torch's nn.LSTM)
 _LSTM_GAPS = {
     "script": "forward handles PackedSequence and lengths in Python; not TorchScript",
-    "fx": "FX traces into the input checks (torch's nn.LSTM is an FX leaf module)",
 }
 _LSTM_CASES = [
     pytest.param(
@@ -587,3 +600,8 @@ def test_bnlstm_under_each_tool(tool, training):
         _close(a, b)
     if tool != "trace":  # (tracing ran the layer once more than eager)
         _same_state(ours, eager)
+
+
+def test_bnlstm_traced_as_the_root_says_to_trace_its_holder():
+    with pytest.raises(TypeError, match=r"BNLSTM\(4, 6\): symbolic tracing records this layer"):
+        torch.fx.symbolic_trace(_bnlstm(True))

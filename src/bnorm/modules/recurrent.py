@@ -321,6 +321,18 @@ class BNLSTM(nn.Module):
         hx: tuple[Tensor, Tensor] | None = None,
         lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        if isinstance(input, torch.fx.Proxy):
+            # Symbolic tracing: one call of this module in the graph, as FX records torch's
+            # own nn.LSTM (a leaf module); the graph runs this forward on real tensors.
+            tracer = input.tracer
+            path = tracer.path_of_module(self)
+            if not path:
+                raise TypeError(
+                    f"{type(self).__name__}({self.input_size}, {self.hidden_size}): symbolic "
+                    "tracing records this layer as one call inside the model that holds it; "
+                    "trace that model (FX cannot record the traced root as a call)"
+                )
+            return tracer.create_proxy("call_module", path, (input, hx, lengths), {})
         name = f"{type(self).__name__}({self.input_size}, {self.hidden_size})"
         packed = isinstance(input, PackedSequence)
         if packed:
