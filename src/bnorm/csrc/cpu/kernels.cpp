@@ -58,6 +58,27 @@ BNORM_INLINE double lane_total(const double* a) {
   return t[0];
 }
 
+// Feeds values i..e-1 to `add(v, j)` (value index v, lane j) in lanes: blocks of kW lanes,
+// then one block each of kW/2, kW/4 ... down to kMin lanes while enough values remain, and
+// returns where it stopped (fewer than kMin values are left for the caller's scalar tail). Every
+// lane index is a constant after unrolling, so the lanes can stay in registers; a runtime index
+// would keep them in memory.
+template <int64_t kW, int64_t kMin, typename Add>
+BNORM_INLINE int64_t in_lanes(int64_t i, int64_t e, Add add) {
+  for (; i + kW <= e; i += kW) {
+#pragma omp simd
+    for (int64_t j = 0; j < kW; ++j) add(i + j, j);
+  }
+  for (int64_t w = kW / 2; w >= kMin; w /= 2) {
+    if (e - i >= w) {
+#pragma omp simd
+      for (int64_t j = 0; j < w; ++j) add(i + j, j);
+      i += w;
+    }
+  }
+  return i;
+}
+
 // The run loops sum `runs` runs of n values, `stride` apart (one channel's runs in a plane
 // tensor, or a single run), so a channel of short runs costs one call, not one per run.
 template <typename T>
@@ -66,29 +87,12 @@ BNORM_INLINE void run_sums_impl(const T* p, int64_t stride, int64_t runs, int64_
   double a1[kLanes] = {}, a2[kLanes] = {}, r1 = 0.0, r2 = 0.0;
   for (int64_t r = 0; r < runs; ++r) {
     const T* q = p + r * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const double d = static_cast<double>(q[i + j]) - k;
-        a1[j] += d;
-        a2[j] += d * d;
-      }
-    }
-    // the tail: 8 and 4 lanes, then single values into r1/r2 (every lane index is a constant,
-    // so the lanes can stay in registers; a runtime index would keep them in memory)
-    for (int64_t w = kLanes / 2; w >= 4; w /= 2) {
-      if (n - i >= w) {
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) {
-          const double d = static_cast<double>(q[i + j]) - k;
-          a1[j] += d;
-          a2[j] += d * d;
-        }
-        i += w;
-      }
-    }
-    for (; i < n; ++i) {
+    int64_t i = in_lanes<kLanes, 4>(0, n, [&](int64_t v, int64_t j) {
+      const double d = static_cast<double>(q[v]) - k;
+      a1[j] += d;
+      a2[j] += d * d;
+    });
+    for (; i < n; ++i) {  // fewer than 4 values
       const double d = static_cast<double>(q[i]) - k;
       r1 += d;
       r2 += d * d;
@@ -156,25 +160,11 @@ BNORM_INLINE void run_sums_impl(const float* p, int64_t stride, int64_t runs, in
   double t1[kFold] = {}, t2[kFold] = {}, r1 = 0.0, r2 = 0.0;
   float_blocks(runs, n, t1, t2, [&](int64_t r, int64_t i, int64_t e, float* a1, float* a2) {
     const float* q = p + r * stride;
-    for (; i + kLanesF <= e; i += kLanesF) {
-#pragma omp simd
-      for (int64_t j = 0; j < kLanesF; ++j) {
-        const float d = q[i + j] - kf;
-        a1[j] += d;
-        a2[j] += d * d;
-      }
-    }
-    for (int64_t w = kLanesF / 2; w >= 8; w /= 2) {  // the tail, as in the float64 loop
-      if (e - i >= w) {
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) {
-          const float d = q[i + j] - kf;
-          a1[j] += d;
-          a2[j] += d * d;
-        }
-        i += w;
-      }
-    }
+    i = in_lanes<kLanesF, 8>(i, e, [&](int64_t v, int64_t j) {
+      const float d = q[v] - kf;
+      a1[j] += d;
+      a2[j] += d * d;
+    });
     for (; i < e; ++i) {  // fewer than 8 values: float64
       const double d = static_cast<double>(q[i]) - k;
       r1 += d;
@@ -240,26 +230,11 @@ BNORM_INLINE void run_grad_sums_impl(const T* dy, const T* x, int64_t stride, in
   for (int64_t r = 0; r < runs; ++r) {
     const T* g = dy + r * stride;
     const T* q = x + r * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const double v = static_cast<double>(g[i + j]);
-        a1[j] += v;
-        a2[j] += v * (static_cast<double>(q[i + j]) - m);
-      }
-    }
-    for (int64_t w = kLanes / 2; w >= 4; w /= 2) {  // the tail (see run_sums_impl)
-      if (n - i >= w) {
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) {
-          const double v = static_cast<double>(g[i + j]);
-          a1[j] += v;
-          a2[j] += v * (static_cast<double>(q[i + j]) - m);
-        }
-        i += w;
-      }
-    }
+    int64_t i = in_lanes<kLanes, 4>(0, n, [&](int64_t u, int64_t j) {
+      const double v = static_cast<double>(g[u]);
+      a1[j] += v;
+      a2[j] += v * (static_cast<double>(q[u]) - m);
+    });
     for (; i < n; ++i) {
       const double v = static_cast<double>(g[i]);
       r1 += v;
@@ -279,23 +254,10 @@ BNORM_INLINE void run_grad_sums_impl(const float* dy, const float* x, int64_t st
   float_blocks(runs, n, t1, t2, [&](int64_t r, int64_t i, int64_t e, float* a1, float* a2) {
     const float* g = dy + r * stride;
     const float* q = x + r * stride;
-    for (; i + kLanesF <= e; i += kLanesF) {
-#pragma omp simd
-      for (int64_t j = 0; j < kLanesF; ++j) {
-        a1[j] += g[i + j];
-        a2[j] += g[i + j] * (q[i + j] - hi);
-      }
-    }
-    for (int64_t w = kLanesF / 2; w >= 8; w /= 2) {  // the tail (see run_sums_impl)
-      if (e - i >= w) {
-#pragma omp simd
-        for (int64_t j = 0; j < w; ++j) {
-          a1[j] += g[i + j];
-          a2[j] += g[i + j] * (q[i + j] - hi);
-        }
-        i += w;
-      }
-    }
+    i = in_lanes<kLanesF, 8>(i, e, [&](int64_t v, int64_t j) {
+      a1[j] += g[v];
+      a2[j] += g[v] * (q[v] - hi);
+    });
     for (; i < e; ++i) {  // fewer than 8 values: float64, around m itself
       const double v = static_cast<double>(g[i]);
       r1 += v;
@@ -448,11 +410,23 @@ BNORM_OVERLOADS(double)
 
 // ---- work splitting --------------------------------------------------------------------------
 
-// Plane data with this many channels or more is split by channel: each channel's N runs in one
-// call (a fixed rule, so the split, and with it the result, does not depend on the thread count).
+// Plane data with this many channels or more, and planes larger than kSmallPlane, is split by
+// channel: each channel's N runs in one call (a fixed rule, so the split, and with it the result,
+// does not depend on the thread count).
 constexpr int64_t kChannelsMin = 8;
 
-bool by_channel(const Geometry& g) { return !g.rows && g.c >= kChannelsMin; }
+// Small planes (at most kSmallPlane values per sample and channel) are read as rows: sample n's
+// C*S values make one row, whose column j belongs to channel j / S. Split by channel, each of a
+// channel's N runs of S values lies in its own cache line and page (C*S values apart), and the
+// loops pay a TLB miss per few values (the changelog has the measurements); as rows, every pass
+// reads memory in order. The row loops sum in float64, so these statistics need no retake.
+constexpr int64_t kSmallPlane = 16;
+
+bool planes_as_rows(const Geometry& g) { return !g.rows && g.s > 1 && g.s <= kSmallPlane; }
+
+bool by_channel(const Geometry& g) {
+  return !g.rows && g.c >= kChannelsMin && !planes_as_rows(g);
+}
 
 int64_t channel_grain(const Geometry& g) {  // channels per task: enough values to wake the pool
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(g.count(), 1));
@@ -547,16 +521,6 @@ void elementwise(const Geometry& g, Run run, Row row) {
     });
   }
 }
-
-// Small planes (at most kSmallPlane values per sample and channel) are read as rows: sample n's
-// C*S values make one row, whose column j belongs to channel j / S. Split by channel, each of a
-// channel's N runs of S values lies in its own cache line and page (C*S values apart), and the
-// loops paid a TLB miss per few values: 128x512x4x4 trained at 0.91x torch's speed and
-// evaluated at 0.82x (measured); as rows, every pass reads memory in order. The row loops sum
-// in float64, so these statistics need no retake.
-constexpr int64_t kSmallPlane = 16;
-
-bool planes_as_rows(const Geometry& g) { return !g.rows && g.s > 1 && g.s <= kSmallPlane; }
 
 Geometry as_rows(const Geometry& g) { return Geometry{g.n, g.c * g.s, 1, true}; }
 
@@ -744,7 +708,7 @@ void backward_elementwise(const T* dy, const T* x, T* dx, const Geometry& g, con
 }
 
 bool fused(const Geometry& g, int64_t itemsize) {
-  if (!by_channel(g) || g.s < 2 || planes_as_rows(g)) return false;
+  if (!by_channel(g) || g.s < 2) return false;
   const int64_t channel_bytes = g.count() * itemsize;
   // channels to share out: without a few per thread one thread would do the last alone
   return channel_bytes <= kFusedBytes && g.c >= 4 * at::get_num_threads();
