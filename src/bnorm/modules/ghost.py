@@ -173,9 +173,9 @@ class _GhostBatchNormBase(_BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return self._op_forward(input)
+            return self._ghost_op_forward(input)
         if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
-            return self._op_forward(input)  # symbolic tracing, jit.trace: one node, no checks
+            return self._ghost_op_forward(input)  # symbolic tracing, jit.trace: one node, no checks
         use_batch_stats = self.training or self.running_mean is None
         if not use_batch_stats or self._uses_running_stats_for(input):
             return super().forward(input)
@@ -196,14 +196,11 @@ class _GhostBatchNormBase(_BatchNormBase):
             layer=self._layer_name(),
         )
 
-    def _op_forward(self, input: Tensor) -> Tensor:
-        """The layer as one operator (TorchScript, jit.trace, FX): ``torch.ops.bnorm.batch_norm``
+    def _ghost_op_forward(self, input: Tensor) -> Tensor:
+        """The layer as one operator (TorchScript, jit.trace, FX): batch norm's (``_op_forward``)
         where the running statistics normalize, else ``torch.ops.bnorm.ghost_batch_norm``."""
         if not (self.training or self.running_mean is None):
-            return torch.ops.bnorm.batch_norm(
-                input, self.weight, self.bias, self.running_mean, self.running_var, None,
-                False, self.momentum, self.eps,
-            )  # fmt: skip
+            return self._op_forward(input)  # batch norm's evaluation
         update = self.training and self.track_running_stats
         return torch.ops.bnorm.ghost_batch_norm(
             input, self.weight, self.bias,

@@ -295,9 +295,10 @@ class _BatchRenormBase(_BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
-            return self._op_forward(input)
+            return self._renorm_op_forward(input)
         if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
-            return self._op_forward(input)  # symbolic tracing, jit.trace: one node, no checks
+            # symbolic tracing, jit.trace: one node, no checks
+            return self._renorm_op_forward(input)
         if not self.training or self._uses_running_stats_for(input):
             return super().forward(input)
         self._check_input(input, True)
@@ -317,15 +318,12 @@ class _BatchRenormBase(_BatchNormBase):
             layer=self._layer_name(),
         )
 
-    def _op_forward(self, input: Tensor) -> Tensor:
-        """The layer as one operator (TorchScript, jit.trace, FX): ``torch.ops.bnorm.batch_norm``
+    def _renorm_op_forward(self, input: Tensor) -> Tensor:
+        """The layer as one operator (TorchScript, jit.trace, FX): batch norm's (``_op_forward``)
         in evaluation, ``torch.ops.bnorm.batch_renorm`` in training. Scheduled limits are
         Python functions of the step, which a recorded graph cannot follow: they raise here."""
         if not self.training:
-            return torch.ops.bnorm.batch_norm(
-                input, self.weight, self.bias, self.running_mean, self.running_var, None,
-                False, self.momentum, self.eps,
-            )  # fmt: skip
+            return self._op_forward(input)  # batch norm's evaluation
         if math.isnan(self._r_limit) or math.isnan(self._d_limit):
             raise RuntimeError(
                 self._label
