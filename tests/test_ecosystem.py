@@ -21,12 +21,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import bnorm
 
-# torch 2.13 deprecates TorchScript (and calls it inside inductor): those warnings are torch's
-pytestmark = [
-    pytest.mark.filterwarnings(r"ignore:.*torch\.jit.* is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings(r"ignore:.*should not be instantiated:DeprecationWarning"),
-    pytest.mark.filterwarnings(r"ignore:.*LeafSpec.* is deprecated:FutureWarning"),
-]
+# (torch 2.13's own deprecation warnings under these tools are ignored in pyproject.toml)
 
 # ---- the layers ------------------------------------------------------------------------------
 

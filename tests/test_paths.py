@@ -331,3 +331,108 @@ def test_eval_call_declines_under_tracing_and_modes():
         lambda t: wrapped.append(F.plain_eval_call(t[None], layer.__dict__, layer._ranks)) or t
     )(x)
     assert wrapped == [None]
+
+
+# ---- under torch.compile: the training forward with its gradient written out ------------------
+
+
+def _rel_err(actual, expected) -> float:
+    """Largest error relative to the largest expected value (float32 data: ~1e-7 is exact)."""
+    expected = np.asarray(expected, dtype=np.float64)
+    return float(np.abs(np64(actual) - expected).max() / max(np.abs(expected).max(), 1e-300))
+
+
+@pytest.mark.parametrize(
+    "shape,cl",
+    [((64, 32), False), ((8, 6, 9), False), ((4, 8, 5, 5), False), ((4, 8, 5, 5), True),
+     ((16, 32, 2, 2), False), ((3, 4, 2, 3, 2), False)],
+)  # fmt: skip
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("offset", [0.0, 1e5])
+def test_compiled_training_step_matches_reference(shape, cl, affine, offset, monkeypatch):
+    """Under torch.compile the layers train through ``ops.inductor_train``: output, gradients
+    and running statistics within 1e-6 (relative) of the float64 reference, for data whose
+    mean is 1e5 standard deviations from zero too."""
+    taken = []
+    real = bnorm.ops.inductor_train
+    monkeypatch.setattr(bnorm.ops, "inductor_train", lambda *a: taken.append(1) or real(*a))
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) + offset).float()
+    dy = torch.randn(shape, generator=g)
+    if cl:
+        x, dy = channels_last(x), channels_last(dy)
+    layer = LAYERS[len(shape)](shape[1], affine=affine)
+    if affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 2.0, generator=g)
+            layer.bias.uniform_(-1.0, 1.0, generator=g)
+    xg = x.clone().requires_grad_()
+    y = torch.compile(layer, fullgraph=True)(xg)
+    y.backward(dy)
+    assert taken, "the compiled layer did not take ops.inductor_train"
+
+    gamma = np64(layer.weight) if affine else None
+    beta = np64(layer.bias) if affine else None
+    y_ref, cache = ref.forward_train(np64(x), gamma, beta, eps=layer.eps)
+    dx_ref, dw_ref, db_ref = ref.backward(np64(dy), cache)
+    rm_ref, rv_ref, _ = ref.update_running_stats(np.zeros(shape[1]), np.ones(shape[1]), cache.stats)
+    assert _rel_err(y, y_ref) < 1e-6
+    assert _rel_err(xg.grad, dx_ref) < 1e-6
+    if affine:
+        assert _rel_err(layer.weight.grad, dw_ref) < 1e-6
+        assert _rel_err(layer.bias.grad, db_ref) < 1e-6
+    assert _rel_err(layer.running_mean, rm_ref) < 1e-6
+    assert _rel_err(layer.running_var, rv_ref) < 1e-6
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none"])
+def test_inductor_train_gradcheck(affine):
+    """The written-out gradient against finite differences (float64, eager)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 3, 4, generator=g, dtype=torch.float64) * 2 + 7).requires_grad_()
+    w = torch.rand(3, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    w = w if affine in ("both", "weight") else None
+    b = b if affine in ("both", "bias") else None
+    inputs = tuple(t for t in (x, w, b) if t is not None)
+
+    def f(*args):
+        it = iter(args)
+        xx = next(it)
+        ww = next(it) if w is not None else None
+        bb = next(it) if b is not None else None
+        return bnorm.ops.inductor_train(xx, ww, bb, 1e-5)[0]
+
+    assert torch.autograd.gradcheck(f, inputs)
+    y, mean, var = bnorm.ops.inductor_train(x.detach(), w, b, 1e-5)
+    y_ref, cache = ref.forward_train(np64(x), np64(w), np64(b))
+    assert_close(y, y_ref, atol=1e-13, what="y")
+    assert_close(mean, cache.stats.mean, atol=1e-13, what="mean")
+    assert_close(var, cache.stats.var, atol=1e-13, what="var")
+
+
+def test_only_plain_compile_takes_inductor_train(monkeypatch):
+    """torch.compile alone takes the written-out gradient; torch.export, forward-mode AD and
+    torch.func (which need derivatives of every order) take the composite path."""
+    taken = []
+    for name in ("inductor_train", "composite_train"):
+        real = getattr(bnorm.ops, name)
+        monkeypatch.setattr(
+            bnorm.ops, name, lambda *a, name=name, real=real: taken.append(name) or real(*a)
+        )
+    layer = bnorm.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2)
+    torch._dynamo.reset()
+    torch.compile(layer, fullgraph=True)(x)
+    assert taken == ["inductor_train"]
+    taken.clear()
+    torch.export.export(layer, (x,))
+    assert taken == ["composite_train"]
+    taken.clear()
+    layer(x)  # eager: the operators
+    assert taken == []
+    with torch.autograd.forward_ad.dual_level():
+        layer(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
+    assert taken == ["composite_train"]

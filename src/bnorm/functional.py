@@ -203,7 +203,7 @@ def train_forward(
     ``(y, mean, var)``, the batch's statistics float64 (C,) (var biased). The route is
     :func:`batch_norm_unchecked`'s: the operator, or the composite path where a tool needs it."""
     if composite_wanted():
-        return ops.composite_train(x, weight, bias, eps)
+        return _composite_train(x, weight, bias, eps)
     return _ops.batch_norm_train.default(x, weight, bias, eps)
 
 
@@ -228,6 +228,23 @@ def composite_wanted() -> bool:
     )
 
 
+def _composite_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The composite training forward: under ``torch.compile`` alone (not export, no forward-mode
+    AD, no torch.func transform, which need derivatives of every order) the variant whose
+    gradient is written out, which inductor compiles as tightly as torch's own batch norm."""
+    if (
+        torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and torch.autograd.forward_ad._current_level < 0
+        # (not peek_interpreter_stack(): dynamo traces its "is None" as False)
+        and not torch._C._are_functorch_transforms_active()
+    ):
+        return ops.inductor_train(x, weight, bias, eps)
+    return ops.composite_train(x, weight, bias, eps)
+
+
 #: ``plain_eval_call(x, layer.__dict__, ranks)``: a bnorm BatchNorm layer's evaluation of a plain
 #: CPU tensor in one C++ call (its checks, then ``torch.ops.bnorm.batch_norm_eval`` through the
 #: dispatcher), or None when the call needs the layer's Python path. Only where
@@ -243,7 +260,7 @@ def _composite(
 ) -> Tensor:  # fmt: skip
     if not use_batch_stats:
         return ops.composite_eval(x, weight, bias, running_mean, running_var, eps)
-    y, mean, var = ops.composite_train(x, weight, bias, eps)
+    y, mean, var = _composite_train(x, weight, bias, eps)
     if running_mean is not None or running_var is not None:
         ops.composite_update(
             running_mean, running_var, num_batches_tracked, mean, var, _count(x), momentum

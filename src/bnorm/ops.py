@@ -45,6 +45,7 @@ __all__ = [
     "composite_eval",
     "composite_train",
     "composite_update",
+    "inductor_train",
     "statistics",
     "transform",
 ]
@@ -148,6 +149,92 @@ def composite_train(
     return y, mean.detach(), var.detach()
 
 
+def _one_pass_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` (N, C, \\*), float64, in one pass: sums of
+    ``d = x - k`` and ``d**2`` in float64, ``k`` the first value of each channel.
+
+    ``var = E[d^2] - E[d]^2`` cancels at most a factor ``1 + (mean - k)^2 / var <= N + 1``
+    (``k`` is one of the N values, so it lies within ``sqrt(N var)`` of the mean): in float64
+    that leaves a relative error under ``N * 1e-16``. Not differentiable by design (the
+    gradient is :class:`_InductorTrain`'s)."""
+    k = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(_F64)
+    d = x.to(_F64) - k.view(_bshape(x))
+    n = x.numel() // x.shape[1] if x.shape[1] else 0
+    mean_d = d.sum(_dims(x)) / n
+    var = ((d * d).sum(_dims(x)) / n - mean_d * mean_d).clamp_min(0.0)
+    return k + mean_d, var
+
+
+class _InductorTrain(torch.autograd.Function):
+    """Training batch norm for ``torch.compile``: the composite algorithm with its gradient
+    written out, so that inductor compiles exactly two passes over ``x`` forward (statistics,
+    output) and two backward (two sums, ``dx``), as it does for torch's own batch norm.
+
+    Differentiating :func:`composite_train` instead gives the same numbers, but inductor then
+    inlines the float64 per-channel chains (``rsqrt(var + eps) * weight`` and the mean's
+    correction) into the loop over every element, and recomputes a float64 reduction in the
+    backward: a compiled layer's step took 1.1-1.5x the time of torch's compiled layer, and a
+    compiled ResNet-18 or MLP training step 1-5 % more. Here the elementwise passes read
+    per-channel values of the compute dtype that are also saved for the backward, which makes
+    inductor store them once rather than inline them.
+
+    Forward: ``y = ((x - hi) - lo) * scale + bias`` with ``hi`` the float64 mean rounded to
+    the compute dtype, ``lo = mean - hi`` (the digits ``hi`` lost), ``scale = rsqrt(var +
+    eps) * weight``. Backward, with ``xc = x - mean`` and sums over N and the spatial dims:
+    ``dx = scale * (dy - sum(dy)/n) - xc * scale * invstd^2 * sum(dy xc)/n``,
+    ``dweight = invstd * sum(dy xc)``, ``dbias = sum(dy)``. Only where no higher derivative,
+    forward-mode AD or torch.func transform is needed (those take :func:`composite_train`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+    ) -> tuple[Tensor, ...]:
+        cd, shape = _compute_dtype(x), _bshape(x)
+        mean, var = _one_pass_stats(x)
+        invstd = torch.rsqrt(var + eps)
+        hi = mean.to(cd)
+        lo = (mean - hi.to(_F64)).to(cd)
+        scale = (invstd if weight is None else invstd * weight.to(_F64)).to(cd)
+        y = (x.to(cd) - hi.view(shape) - lo.view(shape)) * scale.view(shape)
+        if bias is not None:
+            y = y + bias.to(cd).view(shape)
+        return y.to(x.dtype), mean, var, hi, lo, scale, invstd.to(cd)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        x, weight, bias, _ = inputs
+        _, mean, var, hi, lo, scale, invstd = output
+        ctx.save_for_backward(x, hi, lo, scale, invstd)
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, var, hi, lo, scale, invstd)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, *_unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, hi, lo, scale, invstd = ctx.saved_tensors
+        cd, dims, shape = _compute_dtype(x), _dims(x), _bshape(x)
+        n = x.numel() // x.shape[1]
+        dyf = dy.to(cd)
+        xs = x.to(cd) - hi.view(shape)  # x - mean = xs - lo
+        sum_dy = dyf.sum(dims)
+        sum_dy_xc = (dyf * xs).sum(dims) - lo * sum_dy
+        c1 = -scale * invstd * invstd * sum_dy_xc / n  # dx = scale*dy + c1*xs + c0
+        c0 = -scale * sum_dy / n - c1 * lo
+        dx = dyf * scale.view(shape) + xs * c1.view(shape) + c0.view(shape)
+        dweight = None if ctx.weight_dtype is None else (sum_dy_xc * invstd).to(ctx.weight_dtype)
+        dbias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
+        return dx.to(x.dtype), dweight, dbias, None
+
+
+def inductor_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`composite_train`'s ``(y, mean, var)`` with a once-differentiable gradient that
+    inductor compiles as tightly as torch's own batch norm (see :class:`_InductorTrain`)."""
+    y, mean, var, *_ = _InductorTrain.apply(x, weight, bias, eps)
+    return y, mean, var
+
+
 def composite_eval(
     x: Tensor,
     weight: Tensor | None,
@@ -198,7 +285,9 @@ def composite_update(
             num_batches_tracked.add_(1)
         return
     mean, var = mean.detach().to(_F64), var.detach().to(_F64)
-    finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+    # one flag from one sum, as the eager path tests it (two all() reductions would each
+    # split inductor's fused loop over the channels)
+    finite = torch.isfinite((mean + var).sum())
     if momentum is None:
         if num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
