@@ -123,6 +123,8 @@ class RecurrentBatchNorm1d(nn.Module):
         return min(step, self.max_steps - 1)
 
     def forward(self, input: Tensor, t: int | Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._op_forward(input, t)
         name = self._layer_name()
         _checks.check_tensor(name, input)
         _checks.check_rank(name, input, (2,), "(N, C)")
@@ -161,6 +163,24 @@ class RecurrentBatchNorm1d(nn.Module):
             on_nonfinite=self.on_nonfinite,
             layer=name,
         )
+
+    def _op_forward(self, input: Tensor, t: int | Tensor) -> Tensor:
+        """The layer as the one operator ``torch.ops.bnorm.batch_norm`` on row ``s`` of the
+        buffers (TorchScript): :meth:`forward`'s rule without its Python checks."""
+        step = t if isinstance(t, int) else int(t.item())
+        if step < 0:
+            raise ValueError("RecurrentBatchNorm1d: the time step t must be an int >= 0")
+        s = min(step, self.max_steps - 1)
+        fallback = self.training and self.small_batch == "running" and input.size(0) == 1
+        if self.training and not fallback:  # views: the update lands in row s
+            return torch.ops.bnorm.batch_norm(
+                input, self.weight, self.bias, self.running_mean[s], self.running_var[s],
+                self.num_batches_tracked[s], True, self.momentum, self.eps,
+            )  # fmt: skip
+        return torch.ops.bnorm.batch_norm(
+            input, self.weight, self.bias, self.running_mean[s].clone(),
+            self.running_var[s].clone(), None, False, self.momentum, self.eps,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         text = (
@@ -321,6 +341,14 @@ class BNLSTM(nn.Module):
         hx: tuple[Tensor, Tensor] | None = None,
         lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        if torch.jit.is_scripting():
+            if not isinstance(input, Tensor):
+                raise ValueError(
+                    "BNLSTM under TorchScript: pass a padded tensor (and lengths), not a "
+                    "PackedSequence"
+                )
+            out, state = self._script_forward(input, hx, lengths)
+            return out, state
         if isinstance(input, torch.fx.Proxy):
             # Symbolic tracing: one call of this module in the graph, as FX records torch's
             # own nn.LSTM (a leaf module); the graph runs this forward on real tensors.
@@ -346,35 +374,8 @@ class BNLSTM(nn.Module):
             lens = self._lengths(name, x, lengths)
         if x.shape[2] != self.input_size:
             raise ValueError(f"{name}: expected input size {self.input_size}, got {x.shape[2]}")
-        steps, batch = x.shape[0], x.shape[1]
         h, c = self._initial_state(name, x, hx)
-        if not packed and lengths is None:
-            # Every sequence runs every step: no reordering and no per-step counts read from
-            # the data, so torch.compile and torch.export see a loop of fixed shapes.
-            outputs = []
-            for t in range(steps):
-                h, c = self.cell(x[t], (h, c), t)
-                outputs.append(h)
-            out = torch.stack(outputs) if steps else x.new_zeros(0, batch, self.hidden_size)
-            state = (h.unsqueeze(0), c.unsqueeze(0))
-            return (out.transpose(0, 1) if self.batch_first else out), state
-        # Longest sequences first: the sequences running at step t are then the first b_t rows.
-        order = torch.argsort(lens, descending=True, stable=True)
-        inverse = torch.argsort(order)
-        x, h, c = x[:, order], h[order], c[order]
-        running = (lens[order] > torch.arange(steps).unsqueeze(1)).sum(1).tolist()
-        outputs = []
-        for t in range(steps):
-            b = running[t]
-            if b == 0:
-                outputs.append(x.new_zeros(batch, self.hidden_size))
-                continue
-            h_t, c_t = self.cell(x[t, :b], (h[:b], c[:b]), t)
-            h = torch.cat([h_t, h[b:]])
-            c = torch.cat([c_t, c[b:]])
-            outputs.append(torch.cat([h_t, h_t.new_zeros(batch - b, self.hidden_size)]))
-        out = torch.stack(outputs)[:, inverse]  # (T, B, H), the input's batch order
-        state = (h[inverse].unsqueeze(0), c[inverse].unsqueeze(0))
+        out, state = self._steps(x, h, c, lens if packed or lengths is not None else None)
         if packed:
             # The packed output shares the input's batch_sizes and sorting, as torch's LSTM.
             idx = input.sorted_indices
@@ -387,6 +388,70 @@ class BNLSTM(nn.Module):
                 state,
             )
         return (out.transpose(0, 1) if self.batch_first else out), state
+
+    def _script_forward(
+        self,
+        input: Tensor,
+        hx: tuple[Tensor, Tensor] | None,
+        lengths: Tensor | list[int] | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """:meth:`forward` for TorchScript, on a padded tensor: the same steps, with the
+        shape checks TorchScript can state (the eager path's messages name the layer)."""
+        x = input.transpose(0, 1) if self.batch_first else input
+        if x.dim() != 3 or x.size(2) != self.input_size:
+            raise ValueError("BNLSTM: expected a 3D input whose last size is input_size")
+        batch = x.size(1)
+        if hx is None:
+            h = x.new_zeros(batch, self.hidden_size)
+            c = x.new_zeros(batch, self.hidden_size)
+        else:
+            h, c = hx[0][0], hx[1][0]
+        lens: Tensor | None = None
+        if isinstance(lengths, Tensor):
+            lens = lengths.to(torch.long).cpu()
+        elif lengths is not None:
+            lens = torch.tensor(lengths, dtype=torch.long)
+        if lens is not None and (
+            lens.shape != (batch,)
+            or (batch > 0 and (int(lens.min()) < 1 or int(lens.max()) > x.size(0)))
+        ):
+            raise ValueError("BNLSTM: expected one length in [1, T] per sequence")
+        out, state = self._steps(x, h, c, lens)
+        return (out.transpose(0, 1) if self.batch_first else out), state
+
+    def _steps(
+        self, x: Tensor, h: Tensor, c: Tensor, lens: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The recurrence over x (T, B, I) from the state (h, c) (B, H): the output (T, B, H)
+        and the final state (1, B, H) each, in x's batch order; ``lens`` (B,) the valid steps
+        of each sequence, or None where every sequence runs every step."""
+        steps, batch = x.size(0), x.size(1)
+        if lens is None:
+            # Every sequence runs every step: no reordering and no per-step counts read from
+            # the data, so torch.compile and torch.export see a loop of fixed shapes.
+            outputs: list[Tensor] = []
+            for t in range(steps):
+                h, c = self.cell(x[t], (h, c), t)
+                outputs.append(h)
+            out = torch.stack(outputs) if steps > 0 else x.new_zeros(0, batch, self.hidden_size)
+            return out, (h.unsqueeze(0), c.unsqueeze(0))
+        # Longest sequences first: the sequences running at step t are then the first b_t rows.
+        order = torch.argsort(lens, descending=True, stable=True)
+        inverse = torch.argsort(order)
+        x, h, c = x[:, order], h[order], c[order]
+        running: list[int] = (lens[order] > torch.arange(steps).unsqueeze(1)).sum(1).tolist()
+        outputs = []
+        for t in range(steps):
+            b = running[t]
+            if b == 0:
+                outputs.append(x.new_zeros(batch, self.hidden_size))
+                continue
+            h_t, c_t = self.cell(x[t, :b], (h[:b], c[:b]), t)
+            h = torch.cat([h_t, h[b:]])
+            c = torch.cat([c_t, c[b:]])
+            outputs.append(torch.cat([h_t, h_t.new_zeros(batch - b, self.hidden_size)]))
+        out = torch.stack(outputs)[:, inverse]  # (T, B, H), the input's batch order
+        return out, (h[inverse].unsqueeze(0), c[inverse].unsqueeze(0))
 
     def _lengths(self, name: str, x: Tensor, lengths: Tensor | list[int] | None) -> Tensor:
         steps, batch = x.shape[0], x.shape[1]
