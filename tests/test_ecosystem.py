@@ -599,7 +599,8 @@ def test_bnlstm_under_each_tool(tool, training):
 def test_scripted_bnlstm_with_lengths_saves_and_loads(training, batch_first, tmp_path):
     """TorchScript with variable lengths (padded input and lengths, a list or a tensor): the
     same outputs, state and running statistics as eager, and the saved module loads and runs
-    in a fresh process; a packed input raises (torch.jit cannot hold it in the union)."""
+    in a fresh process. A packed input from Python raises (TorchScript's argument conversion
+    cannot match it to the union; scripted code can pass one, see the next test)."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 4, 4, generator=g)
     if batch_first:
@@ -629,6 +630,36 @@ def test_scripted_bnlstm_with_lengths_saves_and_loads(training, batch_first, tmp
     )
     with pytest.raises(Exception, match="PackedSequence"):
         scripted(packed)
+
+
+class _PackingHolder(nn.Module):
+    """Scripted code that packs its input and runs a BNLSTM on the packed sequence."""
+
+    def __init__(self, lstm):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        assert isinstance(out, nn.utils.rnn.PackedSequence)
+        return nn.utils.rnn.pad_packed_sequence(out)[0]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_scripted_model_passes_a_packed_sequence_to_bnlstm(training, tmp_path):
+    """Inside scripted code a BNLSTM takes a PackedSequence, as torch's scripted nn.LSTM does:
+    eager's outputs and running statistics, before and after a save and load."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 4, 4, generator=g)
+    lengths = torch.tensor([2, 5, 3, 4])
+    ours, eager = _bnlstm(training), _bnlstm(training)
+    scripted = torch.jit.script(_PackingHolder(ours))
+    _close(scripted(x, lengths), _PackingHolder(eager)(x, lengths), atol=1e-6)
+    _same_state(ours, eager)
+    scripted.save(str(tmp_path / "holder.pt"))
+    loaded = torch.jit.load(str(tmp_path / "holder.pt"))
+    _close(loaded(x, lengths), _PackingHolder(eager)(x, lengths), atol=1e-6)
 
 
 def test_scripted_recurrent_batch_norm_matches_eager():

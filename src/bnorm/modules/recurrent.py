@@ -342,13 +342,11 @@ class BNLSTM(nn.Module):
         lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
         if torch.jit.is_scripting():
-            if not isinstance(input, Tensor):
-                raise ValueError(
-                    "BNLSTM under TorchScript: pass a padded tensor (and lengths), not a "
-                    "PackedSequence"
-                )
-            out, state = self._script_forward(input, hx, lengths)
-            return out, state
+            if isinstance(input, Tensor):
+                return self._script_padded(input, hx, lengths)
+            # (a PackedSequence made in scripted code; from Python, TorchScript's argument
+            # conversion cannot match a PackedSequence to this union)
+            return self._script_packed(input, hx)
         if isinstance(input, torch.fx.Proxy):
             # Symbolic tracing: one call of this module in the graph, as FX records torch's
             # own nn.LSTM (a leaf module); the graph runs this forward on real tensors.
@@ -377,27 +375,43 @@ class BNLSTM(nn.Module):
         h, c = self._initial_state(name, x, hx)
         out, state = self._steps(x, h, c, lens if packed or lengths is not None else None)
         if packed:
-            # The packed output shares the input's batch_sizes and sorting, as torch's LSTM.
-            idx = input.sorted_indices
-            ordered, ordered_lens = (out, lens) if idx is None else (out[:, idx], lens[idx])
-            data = pack_padded_sequence(ordered, ordered_lens, enforce_sorted=True).data
-            return (
-                PackedSequence(
-                    data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
-                ),
-                state,
-            )
+            return self._pack_like(input, out, lens), state
         return (out.transpose(0, 1) if self.batch_first else out), state
 
-    def _script_forward(
+    def _pack_like(self, input: PackedSequence, out: Tensor, lens: Tensor) -> PackedSequence:
+        """The output (T, B, H) packed as the input was: the same batch_sizes and sorting, as
+        torch's LSTM returns it."""
+        idx = input.sorted_indices
+        if idx is None:
+            data = pack_padded_sequence(out, lens, enforce_sorted=True).data
+        else:
+            data = pack_padded_sequence(out[:, idx], lens[idx], enforce_sorted=True).data
+        return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+
+    # The two scripted entries return the union forward declares: a saved module's code is
+    # type-checked again when loaded, and two branches returning two types would not load.
+    def _script_padded(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None, lengths: Tensor | list[int] | None
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        x = input.transpose(0, 1) if self.batch_first else input
+        out, state = self._script_steps(x, hx, lengths)
+        return (out.transpose(0, 1) if self.batch_first else out), state
+
+    def _script_packed(
+        self, input: PackedSequence, hx: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        x, lens = pad_packed_sequence(input)  # (T, B, I), whatever batch_first says
+        out, state = self._script_steps(x, hx, lens)
+        return self._pack_like(input, out, lens), state
+
+    def _script_steps(
         self,
-        input: Tensor,
+        x: Tensor,
         hx: tuple[Tensor, Tensor] | None,
         lengths: Tensor | list[int] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """:meth:`forward` for TorchScript, on a padded tensor: the same steps, with the
+        """:meth:`forward` for TorchScript on a padded x (T, B, I): the same steps, with the
         shape checks TorchScript can state (the eager path's messages name the layer)."""
-        x = input.transpose(0, 1) if self.batch_first else input
         if x.dim() != 3 or x.size(2) != self.input_size:
             raise ValueError("BNLSTM: expected a 3D input whose last size is input_size")
         batch = x.size(1)
@@ -416,8 +430,7 @@ class BNLSTM(nn.Module):
             or (batch > 0 and (int(lens.min()) < 1 or int(lens.max()) > x.size(0)))
         ):
             raise ValueError("BNLSTM: expected one length in [1, T] per sequence")
-        out, state = self._steps(x, h, c, lens)
-        return (out.transpose(0, 1) if self.batch_first else out), state
+        return self._steps(x, h, c, lens)
 
     def _steps(
         self, x: Tensor, h: Tensor, c: Tensor, lens: Tensor | None
