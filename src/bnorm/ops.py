@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -523,8 +522,3 @@ def backward_elementwise(
     ``dx = a dy + b (x - mean) + c`` with ``a = weight * invstd``,
     ``b = -a invstd^2 sum_dy_xmu / count`` and ``c = -a sum_dy / count``."""
     return _ops.backward_elemt.default(dy, x, mean, invstd, weight, sum_dy, sum_dy_xmu, count)
-
-
-def layer_names() -> Sequence[str]:
-    """The operator names in ``torch.ops.bnorm`` (for tests and ``bnorm info``)."""
-    return tuple(SCHEMAS)
