@@ -614,6 +614,11 @@ def test_scripted_bnlstm_with_lengths_saves_and_loads(training, batch_first, tmp
         for a, b in ((out, out_e), (h, h_e), (c, c_e)):
             _close(a, b, atol=1e-6)
     _same_state(ours, eager)
+    # the eager calls' checks and messages (bnorm's helpers serve both)
+    with pytest.raises(Exception, match=r"BNLSTM\(4, 6\): lengths must lie in \[1, 5\]"):
+        scripted(x, None, [1, 9, 2, 3])
+    with pytest.raises(Exception, match=r"expected h_0 of shape \(1, 4, 6\), got \(1, 3, 6\)"):
+        scripted(x, (torch.zeros(1, 3, 6), torch.zeros(1, 4, 6)))
     path = tmp_path / "bnlstm.pt"
     scripted.save(str(path))
     code = (  # bnorm imported for its operators, as a scripted BatchNorm needs

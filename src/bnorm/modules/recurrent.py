@@ -369,11 +369,11 @@ class BNLSTM(nn.Module):
             _checks.check_tensor(name, input)
             _checks.check_rank(name, input, (3,), "(B, T, I)" if self.batch_first else "(T, B, I)")
             x = input.transpose(0, 1) if self.batch_first else input
-            lens = self._lengths(name, x, lengths)
+            lens = None if lengths is None else self._lengths(name, x, lengths)
         if x.shape[2] != self.input_size:
             raise ValueError(f"{name}: expected input size {self.input_size}, got {x.shape[2]}")
         h, c = self._initial_state(name, x, hx)
-        out, state = self._steps(x, h, c, lens if packed or lengths is not None else None)
+        out, state = self._steps(x, h, c, lens)
         if packed:
             return self._pack_like(input, out, lens), state
         return (out.transpose(0, 1) if self.batch_first else out), state
@@ -411,25 +411,12 @@ class BNLSTM(nn.Module):
         lengths: Tensor | list[int] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """:meth:`forward` for TorchScript on a padded x (T, B, I): the same steps, with the
-        shape checks TorchScript can state (the eager path's messages name the layer)."""
+        checks of the padded tensor's shape that :mod:`bnorm._checks` makes in eager calls."""
+        name = f"BNLSTM({self.input_size}, {self.hidden_size})"
         if x.dim() != 3 or x.size(2) != self.input_size:
-            raise ValueError("BNLSTM: expected a 3D input whose last size is input_size")
-        batch = x.size(1)
-        if hx is None:
-            h = x.new_zeros(batch, self.hidden_size)
-            c = x.new_zeros(batch, self.hidden_size)
-        else:
-            h, c = hx[0][0], hx[1][0]
-        lens: Tensor | None = None
-        if isinstance(lengths, Tensor):
-            lens = lengths.to(torch.long).cpu()
-        elif lengths is not None:
-            lens = torch.tensor(lengths, dtype=torch.long)
-        if lens is not None and (
-            lens.shape != (batch,)
-            or (batch > 0 and (int(lens.min()) < 1 or int(lens.max()) > x.size(0)))
-        ):
-            raise ValueError("BNLSTM: expected one length in [1, T] per sequence")
+            raise ValueError(f"{name}: expected a 3D input of input size {self.input_size}")
+        h, c = self._initial_state(name, x, hx)
+        lens = None if lengths is None else self._lengths(name, x, lengths)
         return self._steps(x, h, c, lens)
 
     def _steps(
@@ -466,32 +453,41 @@ class BNLSTM(nn.Module):
         out = torch.stack(outputs)[:, inverse]  # (T, B, H), the input's batch order
         return out, (h[inverse].unsqueeze(0), c[inverse].unsqueeze(0))
 
-    def _lengths(self, name: str, x: Tensor, lengths: Tensor | list[int] | None) -> Tensor:
-        steps, batch = x.shape[0], x.shape[1]
-        if lengths is None:
-            return torch.full((batch,), steps, dtype=torch.long)
-        lens = torch.as_tensor(lengths, dtype=torch.long).cpu()
-        if lens.shape != (batch,):
-            raise ValueError(f"{name}: expected {batch} lengths, got shape {tuple(lens.shape)}")
-        if batch and (int(lens.min()) < 1 or int(lens.max()) > steps):
+    def _lengths(self, name: str, x: Tensor, lengths: Tensor | list[int]) -> Tensor:
+        """The valid steps of each sequence (B,), int64 on the CPU, checked against x (T, B, I).
+        (Eager and TorchScript calls.)"""
+        steps, batch = x.size(0), x.size(1)
+        if isinstance(lengths, Tensor):
+            lens = lengths.to(torch.long).cpu()
+        else:
+            lens = torch.tensor(lengths, dtype=torch.long)
+        if lens.dim() != 1 or lens.size(0) != batch:
             raise ValueError(
-                f"{name}: lengths must lie in [1, {steps}] (the padded length), got {lens.tolist()}"
+                f"{name}: expected {batch} lengths, got shape {_shape_text(list(lens.shape))}"
+            )
+        if batch > 0 and (int(lens.min()) < 1 or int(lens.max()) > steps):
+            got: list[int] = lens.tolist()
+            raise ValueError(
+                f"{name}: lengths must lie in [1, {steps}] (the padded length), got {got}"
             )
         return lens
 
     def _initial_state(
         self, name: str, x: Tensor, hx: tuple[Tensor, Tensor] | None
     ) -> tuple[Tensor, Tensor]:
-        batch = x.shape[1]
+        """(h_0, c_0) as (B, H) each: zeros, or ``hx`` checked to be (1, B, H) each. (Eager and
+        TorchScript calls.)"""
+        batch = x.size(1)
         if hx is None:
             zeros = x.new_zeros(batch, self.hidden_size)
             return zeros, zeros
         h0, c0 = hx
+        expected = [1, batch, self.hidden_size]
         for which, v in (("h_0", h0), ("c_0", c0)):
-            if tuple(v.shape) != (1, batch, self.hidden_size):
+            if list(v.shape) != expected:
                 raise ValueError(
-                    f"{name}: expected {which} of shape (1, {batch}, {self.hidden_size}), "
-                    f"got {tuple(v.shape)}"
+                    f"{name}: expected {which} of shape {_shape_text(expected)}, "
+                    f"got {_shape_text(list(v.shape))}"
                 )
         return h0[0], c0[0]
 
@@ -500,3 +496,9 @@ class BNLSTM(nn.Module):
             f"{self.input_size}, {self.hidden_size}, max_steps={self.max_steps}, "
             f"batch_first={self.batch_first}"
         )
+
+
+def _shape_text(shape: list[int]) -> str:
+    """A shape as Python prints a tuple, ``(1, 2, 4)`` or ``(3,)`` (TorchScript has no tuple())."""
+    inner = ", ".join([str(d) for d in shape])
+    return "(" + inner + ("," if len(shape) == 1 else "") + ")"
