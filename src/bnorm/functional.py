@@ -221,10 +221,16 @@ def composite_wanted() -> bool:
     """Whether a call now must take the composite path (aten ops): under torch.compile or
     torch.export (inductor fuses it; exported programs hold aten ops), inside a torch.func
     transform (vmap, grad, jvp...), or with forward-mode AD active."""
+    return torch.compiler.is_compiling() or _any_order_wanted()
+
+
+def _any_order_wanted() -> bool:
+    """Whether derivatives of any order or batching may be asked of this call: forward-mode
+    AD is active, or a torch.func transform (vmap, grad, jvp, functionalize...). (The
+    transforms' test is the one dynamo traces: it traces ``peek_interpreter_stack() is None``
+    as False.)"""
     return (
-        torch.compiler.is_compiling()
-        or torch.autograd.forward_ad._current_level >= 0
-        or torch._C._functorch.peek_interpreter_stack() is not None
+        torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
     )
 
 
@@ -237,9 +243,7 @@ def _composite_train(
     if (
         torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
-        and torch.autograd.forward_ad._current_level < 0
-        # (not peek_interpreter_stack(): dynamo traces its "is None" as False)
-        and not torch._C._are_functorch_transforms_active()
+        and not _any_order_wanted()
     ):
         return ops.inductor_train(x, weight, bias, eps)
     return ops.composite_train(x, weight, bias, eps)
