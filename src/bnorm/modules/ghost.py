@@ -171,14 +171,12 @@ class _GhostBatchNormBase(_BatchNormBase):
         )
         self.virtual_batch_size = virtual_batch_size
 
-    def forward(self, input: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._ghost_op_forward(input)
-        if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
-            return self._ghost_op_forward(input)  # symbolic tracing, jit.trace: one node, no checks
+    def _normalize(self, input: Tensor) -> Tensor:
+        """The eager call (batch norm's :meth:`forward` routes to it): ghost batches in training,
+        batch norm where the running statistics normalize."""
         use_batch_stats = self.training or self.running_mean is None
         if not use_batch_stats or self._uses_running_stats_for(input):
-            return super().forward(input)
+            return super()._normalize(input)
         self._check_input(input, True)
         check_virtual_batches(self._layer_name(), input, self.virtual_batch_size)
         update = self.training and self.track_running_stats
@@ -196,7 +194,7 @@ class _GhostBatchNormBase(_BatchNormBase):
             layer=self._layer_name(),
         )
 
-    def _ghost_op_forward(self, input: Tensor) -> Tensor:
+    def _one_node(self, input: Tensor) -> Tensor:
         """The layer as one operator (TorchScript, jit.trace, FX): batch norm's (``_op_forward``)
         where the running statistics normalize, else ``torch.ops.bnorm.ghost_batch_norm``."""
         if not (self.training or self.running_mean is None):

@@ -293,14 +293,11 @@ class _BatchRenormBase(_BatchNormBase):
         name = self._layer_name()
         return _check_limit(name, "r_max", float(r)), _check_limit(name, "d_max", float(d))
 
-    def forward(self, input: Tensor) -> Tensor:
-        if torch.jit.is_scripting():
-            return self._renorm_op_forward(input)
-        if isinstance(input, torch.fx.Proxy) or torch.jit.is_tracing():
-            # symbolic tracing, jit.trace: one node, no checks
-            return self._renorm_op_forward(input)
+    def _normalize(self, input: Tensor) -> Tensor:
+        """The eager call (batch norm's :meth:`forward` routes to it): renormalization in
+        training, batch norm in evaluation and for a batch of one."""
         if not self.training or self._uses_running_stats_for(input):
-            return super().forward(input)
+            return super()._normalize(input)
         self._check_input(input, True)
         r_max, d_max = self.limits()  # checked before any state changes
         return batch_renorm(
@@ -318,7 +315,7 @@ class _BatchRenormBase(_BatchNormBase):
             layer=self._layer_name(),
         )
 
-    def _renorm_op_forward(self, input: Tensor) -> Tensor:
+    def _one_node(self, input: Tensor) -> Tensor:
         """The layer as one operator (TorchScript, jit.trace, FX): batch norm's (``_op_forward``)
         in evaluation, ``torch.ops.bnorm.batch_renorm`` in training. Scheduled limits are
         Python functions of the step, which a recorded graph cannot follow: they raise here."""
