@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -316,50 +317,46 @@ BNORM_INLINE void row_grad_impl(const T* dy, const T* x, T* dx, int64_t n, const
   for (int64_t j = 0; j < n; ++j) dx[j] = dy[j] * a[j] + (x[j] - hi[j]) * b[j] + k[j];
 }
 
-// One sample of small planes (C channels of S values, in order), each channel's coefficients
-// broadcast over its S values; S known at compile time for the common 2x2 and 4x4 planes, so
-// that a channel is one or two whole vectors.
-template <int64_t kS, typename T>
-BNORM_INLINE void planes_affine_fixed(const T* x, T* y, int64_t C, int64_t S, const T* hi,
-                                      const T* sc, const T* of) {
-  const int64_t n = kS > 0 ? kS : S;
-  for (int64_t c = 0; c < C; ++c) {
-    const T h = hi[c], m = sc[c], o = of[c];
-    const T* p = x + c * n;
-    T* q = y + c * n;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) q[i] = (p[i] - h) * m + o;
-  }
+// Calls f(std::integral_constant<int64_t, kS>) with kS = S for the common 2x2 and 4x4 planes,
+// so that a channel's S values are one or two whole vectors, and kS = 0 (S at run time) else.
+template <typename F>
+BNORM_INLINE void with_plane_size(int64_t S, F f) {
+  if (S == 16) return f(std::integral_constant<int64_t, 16>());
+  if (S == 4) return f(std::integral_constant<int64_t, 4>());
+  f(std::integral_constant<int64_t, 0>());
 }
 
+// One sample of small planes (C channels of S values, in order), each channel's coefficients
+// broadcast over its S values.
 template <typename T>
 BNORM_INLINE void planes_affine_impl(const T* x, T* y, int64_t C, int64_t S, const T* hi,
                                      const T* sc, const T* of) {
-  if (S == 16) return planes_affine_fixed<16>(x, y, C, S, hi, sc, of);
-  if (S == 4) return planes_affine_fixed<4>(x, y, C, S, hi, sc, of);
-  planes_affine_fixed<0>(x, y, C, S, hi, sc, of);
-}
-
-template <int64_t kS, typename T>
-BNORM_INLINE void planes_grad_fixed(const T* dy, const T* x, T* dx, int64_t C, int64_t S,
-                                    const T* a, const T* hi, const T* b, const T* k) {
-  const int64_t n = kS > 0 ? kS : S;
-  for (int64_t c = 0; c < C; ++c) {
-    const T ac = a[c], h = hi[c], bc = b[c], kc = k[c];
-    const T* g = dy + c * n;
-    const T* p = x + c * n;
-    T* d = dx + c * n;
+  with_plane_size(S, [&](auto ks) {
+    const int64_t n = ks.value > 0 ? ks.value : S;
+    for (int64_t c = 0; c < C; ++c) {
+      const T h = hi[c], m = sc[c], o = of[c];
+      const T* p = x + c * n;
+      T* q = y + c * n;
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) d[i] = g[i] * ac + (p[i] - h) * bc + kc;
-  }
+      for (int64_t i = 0; i < n; ++i) q[i] = (p[i] - h) * m + o;
+    }
+  });
 }
 
 template <typename T>
 BNORM_INLINE void planes_grad_impl(const T* dy, const T* x, T* dx, int64_t C, int64_t S,
                                    const T* a, const T* hi, const T* b, const T* k) {
-  if (S == 16) return planes_grad_fixed<16>(dy, x, dx, C, S, a, hi, b, k);
-  if (S == 4) return planes_grad_fixed<4>(dy, x, dx, C, S, a, hi, b, k);
-  planes_grad_fixed<0>(dy, x, dx, C, S, a, hi, b, k);
+  with_plane_size(S, [&](auto ks) {
+    const int64_t n = ks.value > 0 ? ks.value : S;
+    for (int64_t c = 0; c < C; ++c) {
+      const T ac = a[c], h = hi[c], bc = b[c], kc = k[c];
+      const T* g = dy + c * n;
+      const T* p = x + c * n;
+      T* d = dx + c * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) d[i] = g[i] * ac + (p[i] - h) * bc + kc;
+    }
+  });
 }
 
 #define BNORM_OVERLOADS(T)                                                                    \
